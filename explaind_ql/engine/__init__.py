@@ -1,0 +1,1 @@
+"""The numerical core: test-side path integrals, train-side optimizer terms, and their contraction."""

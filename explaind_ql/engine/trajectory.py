@@ -1,0 +1,134 @@
+"""Walking a recorded trajectory step by step, replaying what a checkpointed store skipped.
+
+Each :class:`StepRecord` holds θ_s, θ_{s+1}, the optimizer state before the step and the
+step's linear form. States between checkpoints are recreated with the same optimizer
+model the recorder verified (:func:`explaind_ql.optim.advance`) from batch gradients, in
+the recorded dtype; at the next stored checkpoint the replay is compared with the stored
+state (the *drift*), and the walk continues from the stored state so drift never builds up.
+Replayed segments are cached per open run.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..optim import LinearStep, OptState, advance, linear_step
+from ..run import Run, StepMeta
+from .model_fn import ModelFn
+
+REPLAY_CACHE_BYTES = 512 << 20
+
+
+class StateCache(OrderedDict):
+    """Replayed states of an open run, least recently used first out, bounded in bytes."""
+
+    def __init__(self, max_bytes: int = REPLAY_CACHE_BYTES):
+        super().__init__()
+        self.max_bytes, self.bytes = max_bytes, 0
+
+    @staticmethod
+    def _size(v) -> int:
+        theta, state = v
+        return theta.numel() * theta.element_size() * (1 + len(state.bufs))
+
+    def __getitem__(self, key):
+        self.move_to_end(key)
+        return super().__getitem__(key)
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self.bytes += self._size(value)
+        while self.bytes > self.max_bytes and len(self) > 1:
+            _, old = self.popitem(last=False)
+            self.bytes -= self._size(old)
+
+
+@dataclass
+class StepRecord:
+    s: int
+    theta: torch.Tensor
+    theta_next: torch.Tensor
+    state_before: OptState
+    linear: LinearStep
+    meta: StepMeta
+
+    @property
+    def delta(self) -> torch.Tensor:
+        return self.theta_next - self.theta
+
+
+@dataclass
+class Drift:
+    """Replay against the stored checkpoint at ``state``: max abs error, and relative to the segment's motion."""
+
+    state: int
+    abs_error: float
+    rel_error: float
+
+
+class Trajectory:
+    """Step records of one run on one device and dtype."""
+
+    def __init__(self, run: Run, device: torch.device, dtype: torch.dtype):
+        self.run, self.device, self.dtype = run, device, dtype
+        self.gidx = run.space.group_index.to(device)
+        self._replay_fn: ModelFn | None = None
+        self.drift: dict[int, Drift] = run.cache.setdefault("drift", {})
+        self.replayed_steps = 0
+
+    def _stored(self, pos: int) -> tuple[torch.Tensor, OptState]:
+        theta, state = self.run.stored_state(pos)
+        return theta.to(self.device, self.run.dtype), state.to(self.run.dtype, self.device)
+
+    def _replay(self, s: int, theta: torch.Tensor, state: OptState, meta: StepMeta):
+        if self._replay_fn is None:
+            self._replay_fn = ModelFn(self.run.build_model(), self.run.space, self.run.constants,
+                                      self.run.loss, self.device, self.run.dtype)
+        x, y = self.run.split("train")
+        b = meta.batch
+        g = self._replay_fn.batch_grad(theta, x[b].to(self.device, self._xdtype(x)), y[b].to(self.device),
+                                       meta.weight) * meta.clip
+        self.replayed_steps += 1
+        _, new, delta = advance(self.run.spec, self.gidx, meta.lr, meta.weight_decay, theta, g, state)
+        return theta + delta, new
+
+    def _xdtype(self, x: torch.Tensor) -> torch.dtype:
+        return self.run.dtype if x.is_floating_point() else x.dtype
+
+    def walk(self, a: int, b: int) -> Iterator[StepRecord]:
+        """Records for update steps a..b-1, in order."""
+        run = self.run
+        pos = run.ckpt_at_or_before(a)
+        s = int(run.ckpt_states[pos])
+        theta, state = self._stored(pos)
+        seg_start = theta
+        cache = run.cache.setdefault("replay", StateCache())
+        while s < b:
+            meta = run.step_meta(s)
+            nxt = pos + 1
+            if nxt < len(run.ckpt_states) and int(run.ckpt_states[nxt]) == s + 1:
+                theta_next, state_next = self._stored(nxt)
+                if not run.dense and (s + 1) not in self.drift:
+                    replayed, _ = self._replay(s, theta, state, meta)
+                    self._note_drift(s + 1, replayed, theta_next, seg_start)
+                pos, seg_start = nxt, theta_next
+            elif (s + 1, self.device) in cache:
+                theta_next, state_next = cache[(s + 1, self.device)]
+            else:
+                theta_next, state_next = self._replay(s, theta, state, meta)
+                cache[(s + 1, self.device)] = (theta_next, state_next)
+            if s >= a:
+                ls = linear_step(run.spec, self.gidx, meta.lr, meta.weight_decay, state,
+                                 state_next.bufs.get("exp_avg_sq"), self.dtype)
+                yield StepRecord(s, theta.to(self.dtype), theta_next.to(self.dtype),
+                                 state.to(self.dtype), ls, meta)
+            theta, state, s = theta_next, state_next, s + 1
+
+    def _note_drift(self, state: int, replayed: torch.Tensor, stored: torch.Tensor, seg_start: torch.Tensor):
+        err = float((replayed - stored).abs().max())
+        motion = float((stored - seg_start).abs().max())
+        self.drift[state] = Drift(state, err, err / motion if motion > 0 else 0.0)

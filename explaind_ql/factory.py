@@ -1,0 +1,74 @@
+"""Rebuilding the model in a query process from an importable ``module:callable`` + JSON kwargs.
+
+The run must be queryable on another machine without the training script, so the
+factory is resolved (and the model built once) when recording starts: an unimportable
+factory is a record-time error, not a surprise at query time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from typing import Any, Callable
+
+import torch
+
+from .errors import RecordingError, StoreError
+
+
+def import_callable(ref: str, what: str) -> Callable:
+    module, _, attr = ref.partition(":")
+    if module == "__main__":
+        raise RecordingError(f"{what} {ref!r} lives in __main__ and cannot be imported by a query "
+                             "process; move it into an importable module")
+    try:
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise RecordingError(f"cannot import {what} {ref!r} ({exc}); give an importable "
+                             "'module:callable'") from None
+    if not callable(obj):
+        raise RecordingError(f"{what} {ref!r} is not callable")
+    return obj
+
+
+def derive_factory(model: torch.nn.Module) -> str:
+    """``module:ClassName`` of the model's class, when that class can be imported."""
+    cls = type(model)
+    ref = f"{cls.__module__}:{cls.__qualname__}"
+    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+        raise RecordingError(f"model class {cls.__qualname__} is defined in {cls.__module__} and "
+                             "cannot be rebuilt by a query process; pass factory='module:callable'")
+    return ref
+
+
+def check_factory(ref: str, kwargs: dict[str, Any], model: torch.nn.Module) -> None:
+    """Build the model once from the factory and check it has the same parameters."""
+    try:
+        json.dumps(kwargs)
+    except TypeError as exc:
+        raise RecordingError(f"factory_kwargs must be JSON-serialisable ({exc})") from None
+    try:
+        built = import_callable(ref, "factory")(**kwargs)
+    except RecordingError:
+        raise
+    except Exception as exc:  # the user's factory may raise anything; report it in one line
+        raise RecordingError(f"factory {ref!r} failed with {type(exc).__name__}: {exc}; "
+                             "pass factory_kwargs that rebuild the model") from None
+    want = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    got = {n: tuple(p.shape) for n, p in built.named_parameters()} if isinstance(built, torch.nn.Module) else None
+    if got != want:
+        raise RecordingError(f"factory {ref!r} builds a model whose parameters differ from the "
+                             "recorded model's; pass the factory_kwargs that rebuild it")
+
+
+def build(ref: str, kwargs: dict[str, Any]) -> torch.nn.Module:
+    """Query side: rebuild, turning failures into a one-line store error."""
+    try:
+        return import_callable(ref, "factory")(**kwargs)
+    except RecordingError as exc:
+        raise StoreError(f"cannot rebuild the recorded model: {exc}") from None
+    except Exception as exc:
+        raise StoreError(f"cannot rebuild the recorded model: factory {ref!r} raised "
+                         f"{type(exc).__name__}: {exc}") from None

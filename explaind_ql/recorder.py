@@ -1,0 +1,303 @@
+"""Recording a training run: a few lines in the user's loop, verified at every step.
+
+The recorder keeps θ_s and the optimizer state of the previous step (one flat copy
+each), and after each ``optimizer.step()`` it re-takes the step with the model of
+:mod:`explaind_ql.optim` from the gradients the optimizer saw. A mismatch means the
+run cannot be decomposed exactly (a hyperparameter changed, an unrecorded clip, an
+unsupported option), so it is raised at once, naming step, param and error size.
+
+Cost per step: O(P) elementwise work (copying params, gradients and optimizer
+buffers, one modelled update, one comparison), no extra forward or backward passes
+except for the gradient check (one forward+backward on step 0 and every
+``grad_check_every`` steps) that confirms the recorded loss and batch rebuild the
+gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from torch.func import functional_call
+
+from .errors import RecordingError, VerificationError
+from .factory import check_factory, derive_factory
+from .losses import LossSpec
+from .optim import OptimizerSpec, OptState, advance, spec_from_torch, static_mismatch
+from .params import ParamSpace
+from .store import FORMAT_KEY, FORMAT_VERSION, StoreWriter
+
+# below this many bytes of params + optimizer state, dense storage costs little and saves replay
+DENSE_AUTO_BYTES = 1 << 20
+AUTO_CHECKPOINT_EVERY = 100
+
+
+def default_checkpoint_every(n_elem: int, itemsize: int, n_buffers: int) -> int | None:
+    """``None`` (dense) for models whose whole state is under 1 MiB, else every 100 steps."""
+    return None if n_elem * itemsize * (1 + n_buffers) <= DENSE_AUTO_BYTES else AUTO_CHECKPOINT_EVERY
+
+
+def _refuse_modules(model: torch.nn.Module) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training:
+            raise RecordingError(f"module '{name}' ({type(m).__name__}) couples the examples of a "
+                                 "batch, so its update has no per-example decomposition; remove it "
+                                 "or use LayerNorm/GroupNorm")
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 and m.training:
+            raise RecordingError(f"module '{name}' ({type(m).__name__} p={m.p}) makes gradients "
+                                 "random, so they cannot be recomputed at query time; set p=0")
+
+
+class Recorder:
+    """Record a training run into a zarr trajectory store.
+
+    Call :meth:`step` with the batch's indices into the ``train`` split after every
+    ``optimizer.step()``. ``checkpoint_every=None`` stores every state (dense); an
+    integer K stores every K-th state and the rest are replayed exactly at query time.
+    """
+
+    def __init__(self, path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 *, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 loss: str = "cross_entropy", reduction: str = "mean", factory: str | None = None,
+                 factory_kwargs: dict[str, Any] | None = None, checkpoint_every: int | None | str = "auto",
+                 chunk_steps: int = 64, grad_check_every: int = 0, overwrite: bool = False,
+                 **splits: tuple[torch.Tensor, torch.Tensor]):
+        self.model, self.optimizer = model, optimizer
+        self.spec: OptimizerSpec = spec_from_torch(optimizer)
+        self.loss = LossSpec(loss, reduction)
+        _refuse_modules(model)
+        factory_kwargs = dict(factory_kwargs or {})
+        factory = factory or derive_factory(model)
+        check_factory(factory, factory_kwargs, model)
+        self.splits = {"train": train, **({"test": test} if test is not None else {}), **splits}
+        for name, xy in self.splits.items():
+            if not (isinstance(xy, tuple) and len(xy) == 2 and len(xy[0]) == len(xy[1])):
+                raise RecordingError(f"split '{name}' must be an (X, y) pair of equal length")
+        self.n_train = len(train[0])
+
+        self._params, entries = self._trainable(model, optimizer)
+        self.space = ParamSpace.build(entries)
+        self.gidx = self.space.group_index
+        first = self._params[0]
+        self.dtype = first.dtype
+        if any(p.dtype != self.dtype for p in self._params):
+            raise RecordingError("all trained parameters must share one dtype (float32 or float64)")
+        if self.dtype not in (torch.float32, torch.float64):
+            raise RecordingError(f"parameters are {self.dtype}; record in float32 or float64")
+        itemsize = first.element_size()
+        if checkpoint_every == "auto":
+            checkpoint_every = default_checkpoint_every(self.space.size, itemsize, len(self.spec.buffers))
+        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+            raise RecordingError(f"checkpoint_every must be None (dense) or an integer >= 1, "
+                                 f"not {checkpoint_every!r}")
+        self.dense = checkpoint_every is None
+        self.every = 1 if self.dense else checkpoint_every
+        self.grad_check_every = grad_check_every
+        self.n_steps = 0
+        self.closed = False
+
+        self.theta = self._flat_params()
+        self.state = self._read_state()
+        if self.spec.adam and len({int(self._param_state(p).get("step", 0)) for p in self._params}) > 1:
+            raise RecordingError("the optimizer's params are at different step counts; record from a "
+                                 "fresh optimizer or one whose params all took the same steps")
+        constants = [t.detach().clone() for t in self._constants(model)]
+        attrs = {
+            FORMAT_KEY: FORMAT_VERSION,
+            "optimizer": self.spec.to_json(),
+            "hyperparameters": [{k: (v if isinstance(v, (int, float, bool, str, type(None))) else str(v))
+                                 for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+            "loss": {"name": self.loss.name, "reduction": self.loss.reduction},
+            "factory": factory, "factory_kwargs": factory_kwargs,
+            "torch_version": torch.__version__, "dtype": str(self.dtype).removeprefix("torch."),
+            "params": self.space.to_json(), "constants": self._constant_names(model),
+            "checkpoint_every": None if self.dense else self.every, "splits": list(self.splits),
+            "n_groups": len(optimizer.param_groups),
+        }
+        self.writer = StoreWriter(path, attrs, len(optimizer.param_groups), self.space.size, self.dtype,
+                                  self.spec.buffers, chunk_steps, chunk_steps if self.dense else 1,
+                                  self.splits, constants, overwrite)
+        self.writer.add_ckpt(0, self.theta, self.state.bufs, self.state.step, self.state.has_buf)
+        self.writer.flush(final=False)
+        self._hyper = self._read_hyper()
+        self._raw_norms: dict[int, float] = {}
+        self._clip: float | None = None
+        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_hook) for p in self._params]
+
+    # -- setup helpers -----------------------------------------------------------------------
+    @staticmethod
+    def _trainable(model, optimizer):
+        names = {id(p): n for n, p in model.named_parameters()}
+        params, entries = [], []
+        for gi, g in enumerate(optimizer.param_groups):
+            for p in g["params"]:
+                if not p.requires_grad:
+                    continue
+                if id(p) not in names:
+                    raise RecordingError(f"param group {gi} holds a tensor that is not a parameter of "
+                                         "the model; pass the model the optimizer trains")
+                params.append(p)
+                entries.append((names[id(p)], tuple(p.shape), gi))
+        if not params:
+            raise RecordingError("the optimizer trains no parameter that requires grad")
+        order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+        perm = sorted(range(len(params)), key=lambda i: order[entries[i][0]])
+        return [params[i] for i in perm], [entries[i] for i in perm]
+
+    def _constant_names(self, model) -> list[str]:
+        trained = set(self.space.names)
+        return [n for n, _ in model.named_parameters() if n not in trained] + \
+               [n for n, _ in model.named_buffers()]
+
+    def _constants(self, model):
+        trained = set(self.space.names)
+        return [p for n, p in model.named_parameters() if n not in trained] + [b for _, b in model.named_buffers()]
+
+    def _flat_params(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self._params]).clone()
+
+    def _param_state(self, p) -> dict:
+        return self.optimizer.state.get(p, {})
+
+    def _read_state(self) -> OptState:
+        bufs, has_buf = {}, False
+        for b in self.spec.buffers:
+            parts = []
+            for p in self._params:
+                t = self._param_state(p).get(b)
+                has_buf = has_buf or t is not None
+                parts.append(torch.zeros(p.numel(), dtype=p.dtype) if t is None else t.detach().reshape(-1))
+            bufs[b] = torch.cat(parts).clone()
+        step = int(self._param_state(self._params[0]).get("step", 0)) if self.spec.adam else 0
+        return OptState(bufs, step, has_buf)
+
+    def _grad_hook(self, p: torch.Tensor) -> None:
+        self._raw_norms[id(p)] = float(p.grad.detach().double().norm())
+
+    # -- the loop ----------------------------------------------------------------------------
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over the trained params, recording the scale exactly."""
+        total = torch.nn.utils.clip_grad_norm_(self._params, max_norm, norm_type=norm_type)
+        self._clip = min(1.0, float(max_norm) / (float(total) + 1e-6))
+        return total
+
+    def step(self, batch_indices, loss: float | torch.Tensor | None = None, clip: float | None = None) -> None:
+        """Record the update just taken by ``optimizer.step()`` on the batch ``batch_indices``."""
+        if self.closed:
+            raise RecordingError("the recorder is closed; build a new Recorder to record more steps")
+        s = self.n_steps
+        idx = torch.as_tensor(batch_indices).reshape(-1).long().cpu()
+        if idx.numel() == 0:
+            raise RecordingError(f"step {s}: empty batch")
+        if int(idx.min()) < 0 or int(idx.max()) >= self.n_train:
+            raise RecordingError(f"step {s}: batch indices must lie in 0..{self.n_train - 1} (the train split)")
+        c = self._clip if clip is None else float(clip)
+        c = 1.0 if c is None else c
+        grad = self._flat_grad(s, c)
+        changed = static_mismatch(self.spec, self.optimizer)
+        if changed:
+            raise VerificationError(f"step {s}: {changed}; only lr and weight_decay may change during a run")
+        lr, wd = self._hyper  # as they were when optimizer.step() ran: schedulers step after it
+        theta_new = self._flat_params()
+        real_state = self._read_state()
+        _, model_state, delta = advance(self.spec, self.gidx, lr, wd, self.theta.double(),
+                                        grad.double(), self.state.to(torch.float64))
+        self._verify(s, theta_new, self.theta.double() + delta)
+        weight = self.loss.weight(len(idx), self._out_numel())
+        if self.grad_check_every >= 0 and (s == 0 or (self.grad_check_every and s % self.grad_check_every == 0)):
+            self._check_gradient(s, idx, grad / c, weight)
+        self.writer.add_step({"loss": math.nan if loss is None else float(torch.as_tensor(loss).detach()), "clip": c, "weight": weight,
+                              "lr": lr, "weight_decay": wd}, idx.numpy())
+        self.n_steps = s + 1
+        self.theta, self.state = theta_new, real_state
+        if self.n_steps % self.every == 0:
+            self.writer.add_ckpt(self.n_steps, theta_new, real_state.bufs, real_state.step, real_state.has_buf)
+        self.writer.maybe_flush()
+        self._clip = None
+        self._raw_norms.clear()
+        self._hyper = self._read_hyper()
+        del model_state
+
+    def _read_hyper(self) -> tuple[list[float], list[float]]:
+        groups = self.optimizer.param_groups
+        return [float(g["lr"]) for g in groups], [float(g.get("weight_decay", 0.0)) for g in groups]
+
+    def _flat_grad(self, s: int, c: float) -> torch.Tensor:
+        parts = []
+        for p, info in zip(self._params, self.space.params):
+            name = info.name
+            if p.grad is None:
+                raise RecordingError(f"step {s}: param '{name}' got no gradient; freeze it "
+                                     "(requires_grad=False) before building the Recorder")
+            if p.grad.is_sparse:
+                raise RecordingError(f"step {s}: param '{name}' has a sparse gradient; use dense embeddings")
+            raw = self._raw_norms.get(id(p))
+            seen = float(p.grad.detach().double().norm())
+            if raw is not None and raw > 0 and abs(seen / raw - c) > 1e-4 * max(1.0, c):
+                raise VerificationError(
+                    f"step {s}: gradients of '{name}' were rescaled by {seen / raw:.6g} after backward() "
+                    f"but the recorded clip scale is {c:.6g}; clip with rec.clip_grad_norm_(max_norm) "
+                    "or pass clip= to rec.step")
+            parts.append(p.grad.detach().reshape(-1))
+        return torch.cat(parts)
+
+    def _verify(self, s: int, real: torch.Tensor, modelled: torch.Tensor) -> None:
+        rtol = 1e-9 if self.dtype == torch.float64 else 2e-4
+        eps = torch.finfo(self.dtype).eps
+        real64 = real.double()
+        for info in self.space.params:
+            sl = slice(info.offset, info.stop)
+            dr = real64[sl] - self.theta[sl].double()
+            err = ((modelled[sl] - real64[sl]).abs() - 4 * eps * real64[sl].abs()).clamp_min(0).max()
+            scale = float(dr.abs().max())
+            if float(err) > rtol * scale + 1e-300:
+                raise VerificationError(
+                    f"step {s}: the {self.spec.cls} model does not reproduce the update of '{info.name}' "
+                    f"(max error {float(err):.3g}, {float(err) / max(scale, 1e-300):.2%} of the update); "
+                    "a hyperparameter changed, a clip went unrecorded or an unsupported option is in use")
+
+    def _out_numel(self) -> int:
+        y = self.splits["train"][1]
+        return int(y[0].numel()) if y.dim() > 1 else 1
+
+    def _check_gradient(self, s: int, idx: torch.Tensor, raw_grad: torch.Tensor, weight: float) -> None:
+        """Recompute the batch gradient from the recorded batch and loss; it must match training's."""
+        x, y = self.splits["train"]
+        dev = self._params[0].device
+        theta = self.theta.to(dev).requires_grad_(True)
+        named = self.space.unflatten(theta)
+        with torch.enable_grad():
+            out = functional_call(self.model, named, (x[idx].to(dev),))
+            total = (self.loss.per_example(out, y[idx].to(dev)) * weight).sum()
+            (g,) = torch.autograd.grad(total, theta)
+        err = float((g.detach().cpu().double() - raw_grad.cpu().double()).abs().max())
+        scale = float(raw_grad.abs().max())
+        tol = (1e-8 if self.dtype == torch.float64 else 1e-3) * scale + 1e-12
+        if err > tol:
+            raise VerificationError(
+                f"step {s}: the gradient rebuilt from the recorded batch and loss "
+                f"'{self.loss.name}' ({self.loss.reduction}) differs from training's by {err:.3g} "
+                f"(max |g| {scale:.3g}); pass the batch's indices, the loss and the reduction "
+                "that training used")
+
+    def close(self) -> None:
+        """Store the final state, flush everything, and mark the run closed."""
+        if self.closed:
+            return
+        if self.n_steps % self.every:
+            self.writer.add_ckpt(self.n_steps, self.theta, self.state.bufs, self.state.step, self.state.has_buf)
+        self.writer.flush(final=True)
+        for h in self._hooks:
+            h.remove()
+        self.closed = True
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["Recorder", "default_checkpoint_every"]

@@ -1,0 +1,156 @@
+"""A recorded run opened for querying: metadata, the layer tree, and the per-step records.
+
+Everything is read lazily from the store and sliced to the last committed step, so a
+run whose recording was killed can still be queried up to that step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import StoreError
+from .factory import build
+from .losses import LossSpec
+from .optim import OptimizerSpec, OptState
+from .params import ParamSpace
+from .store import open_dataset
+
+
+@dataclass(frozen=True)
+class StepMeta:
+    """What the store holds for one update step besides states."""
+
+    lr: np.ndarray
+    weight_decay: np.ndarray
+    clip: float
+    weight: float
+    batch: torch.Tensor
+
+
+class Run:
+    """An opened trajectory store. ``explaind_ql.open(path)`` returns one."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.ds, self.attrs = open_dataset(self.path)
+        a = self.attrs
+        try:
+            self.space = ParamSpace.from_json(a["params"])
+            self.spec = OptimizerSpec.from_json(a["optimizer"])
+            self.loss = LossSpec(a["loss"]["name"], a["loss"]["reduction"])
+            self.n_steps = int(a["committed_steps"])
+            n_ck = int(a["committed_ckpts"])
+            states = np.asarray(self.ds["ckpt_state"].values[:n_ck])
+            self.dtype = getattr(torch, a["dtype"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise StoreError(f"{self.path} has damaged metadata ({type(exc).__name__}: {exc}); "
+                             "re-record the run") from None
+        keep = states <= self.n_steps
+        self.ckpt_rows = np.nonzero(keep)[0]
+        self.ckpt_states = states[keep]
+        self.checkpoint_every = a.get("checkpoint_every")
+        self.dense = self.checkpoint_every is None
+        self.closed = bool(a.get("closed"))
+        self._steps_cache: dict[str, np.ndarray] = {}
+        self.cache: dict = {}
+        if self.n_steps > 0:
+            for var in ("lr", "weight_decay", "clip", "weight", "batch_start", "batch_size"):
+                if var not in self.ds:
+                    raise StoreError(f"{self.path} is truncated: variable '{var}' is missing; re-record the run")
+
+    # -- metadata ----------------------------------------------------------------------------
+    @property
+    def splits(self) -> list[str]:
+        return list(self.attrs["splits"])
+
+    def split_size(self, name: str) -> int:
+        return int(self.ds[f"x_{name}"].shape[0])
+
+    @cached_property
+    def _split_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {n: (torch.from_numpy(np.asarray(self.ds[f"x_{n}"].values)),
+                    torch.from_numpy(np.asarray(self.ds[f"y_{n}"].values))) for n in self.splits}
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._split_tensors[name]
+
+    @property
+    def optimizer(self) -> dict:
+        return {"class": self.spec.cls, "groups": self.attrs["hyperparameters"]}
+
+    def layers(self) -> dict[str, int]:
+        """Layer tree: every module path with the number of trained elements under it."""
+        return {lay: sum(self.space.by_name[n].numel for n in self.space.params_of_layer(lay))
+                for lay in self.space.layers()}
+
+    @property
+    def bytes_on_disk(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    def info(self) -> dict:
+        return {
+            "path": str(self.path), "steps": self.n_steps, "complete": self.closed,
+            "mode": "dense" if self.dense else f"checkpoint every {self.checkpoint_every}",
+            "params": self.space.size, "param_tensors": len(self.space.params),
+            "layers": self.layers(), "splits": {n: self.split_size(n) for n in self.splits},
+            "optimizer": self.optimizer, "loss": self.attrs["loss"], "dtype": self.attrs["dtype"],
+            "factory": self.attrs["factory"], "torch_version": self.attrs["torch_version"],
+            "bytes_on_disk": self.bytes_on_disk,
+        }
+
+    def __repr__(self) -> str:
+        splits = ", ".join(f"{n}={self.split_size(n)}" for n in self.splits)
+        mode = "dense" if self.dense else f"ckpt/{self.checkpoint_every}"
+        return (f"<Run {self.path.name}: {self.n_steps} steps ({mode}), {self.space.size:,} params in "
+                f"{len(self.space.params)} tensors, {self.spec.cls}, splits {splits}>")
+
+    # -- per-step data -----------------------------------------------------------------------
+    def _step_var(self, name: str) -> np.ndarray:
+        if name not in self._steps_cache:
+            self._steps_cache[name] = np.asarray(self.ds[name].values[: self.n_steps])
+        return self._steps_cache[name]
+
+    @cached_property
+    def _batch_index(self) -> np.ndarray:
+        end = int(self._step_var("batch_start")[-1] + self._step_var("batch_size")[-1]) if self.n_steps else 0
+        return np.asarray(self.ds["batch_index"].values[:end]) if end else np.zeros(0, np.int64)
+
+    def step_meta(self, s: int) -> StepMeta:
+        start, size = int(self._step_var("batch_start")[s]), int(self._step_var("batch_size")[s])
+        return StepMeta(self._step_var("lr")[s], self._step_var("weight_decay")[s],
+                        float(self._step_var("clip")[s]), float(self._step_var("weight")[s]),
+                        torch.from_numpy(self._batch_index[start: start + size].copy()))
+
+    def losses(self) -> np.ndarray:
+        return self._step_var("loss")
+
+    # -- states ------------------------------------------------------------------------------
+    def ckpt_at_or_before(self, state: int) -> int:
+        """Position (in ``ckpt_states``) of the last stored state <= ``state``."""
+        return int(np.searchsorted(self.ckpt_states, state, side="right") - 1)
+
+    def stored_state(self, pos: int) -> tuple[torch.Tensor, OptState]:
+        row = int(self.ckpt_rows[pos])
+        theta = torch.from_numpy(np.asarray(self.ds["theta"][row].values))
+        bufs = {b: torch.from_numpy(np.asarray(self.ds[f"opt_{b}"][row].values)) for b in self.spec.buffers}
+        return theta, OptState(bufs, int(self.ds["opt_step"].values[row]),
+                               bool(self.ds["opt_has_buf"].values[row]))
+
+    def is_stored(self, state: int) -> bool:
+        pos = self.ckpt_at_or_before(state)
+        return pos >= 0 and int(self.ckpt_states[pos]) == state
+
+    @cached_property
+    def constants(self) -> dict[str, torch.Tensor]:
+        names = self.attrs.get("constants", [])
+        return {n: torch.from_numpy(np.asarray(self.ds[f"const_{i}"].values)) for i, n in enumerate(names)}
+
+    def build_model(self) -> torch.nn.Module:
+        """The model rebuilt from the recorded factory (its own weights are replaced per call)."""
+        return build(self.attrs["factory"], self.attrs.get("factory_kwargs") or {})
