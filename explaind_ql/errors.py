@@ -32,7 +32,7 @@ class QueryError(ExplaindError):
     @property
     def line_col(self) -> tuple[int, int]:
         before = self.text[: self.pos]
-        line = before.count("\n") + 1
+        line = before.count("\n") + 1  # lines split on "\n" only, here and in render()
         col = self.pos - (before.rfind("\n") + 1) + 1
         return line, col
 
@@ -43,7 +43,7 @@ class QueryError(ExplaindError):
             head += f"; {self.hint}"
         if not self.text:
             return head
-        src_line = self.text.splitlines()[line - 1] if self.text.splitlines() else ""
+        src_line = self.text.split("\n")[line - 1]
         return f"{head}\n  {src_line}\n  {' ' * (col - 1)}^"
 
     kind = "syntax error"

@@ -111,24 +111,24 @@ class Run:
                 f"{len(self.space.params)} tensors, {self.spec.cls}, splits {splits}>")
 
     # -- per-step data -----------------------------------------------------------------------
-    def _step_var(self, name: str) -> np.ndarray:
+    def step_var(self, name: str) -> np.ndarray:
         if name not in self._steps_cache:
             self._steps_cache[name] = np.asarray(self.ds[name].values[: self.n_steps])
         return self._steps_cache[name]
 
     @cached_property
     def _batch_index(self) -> np.ndarray:
-        end = int(self._step_var("batch_start")[-1] + self._step_var("batch_size")[-1]) if self.n_steps else 0
+        end = int(self.step_var("batch_start")[-1] + self.step_var("batch_size")[-1]) if self.n_steps else 0
         return np.asarray(self.ds["batch_index"].values[:end]) if end else np.zeros(0, np.int64)
 
     def step_meta(self, s: int) -> StepMeta:
-        start, size = int(self._step_var("batch_start")[s]), int(self._step_var("batch_size")[s])
-        return StepMeta(self._step_var("lr")[s], self._step_var("weight_decay")[s],
-                        float(self._step_var("clip")[s]), float(self._step_var("weight")[s]),
+        start, size = int(self.step_var("batch_start")[s]), int(self.step_var("batch_size")[s])
+        return StepMeta(self.step_var("lr")[s], self.step_var("weight_decay")[s],
+                        float(self.step_var("clip")[s]), float(self.step_var("weight")[s]),
                         torch.from_numpy(self._batch_index[start: start + size].copy()))
 
     def losses(self) -> np.ndarray:
-        return self._step_var("loss")
+        return self.step_var("loss")
 
     # -- states ------------------------------------------------------------------------------
     def ckpt_at_or_before(self, state: int) -> int:

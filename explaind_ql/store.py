@@ -35,7 +35,7 @@ from .errors import StoreError
 FORMAT_VERSION = 1
 FORMAT_KEY = "explaind_format"
 ELEMENT_CHUNK_BYTES = 8 << 20
-SAMPLE_CHUNK = 1 << 14
+SAMPLE_CHUNK_MAX = 1 << 20
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -77,6 +77,7 @@ class StoreWriter:
         self.written_ckpts = 0
         self._created: set[str] = set()
         self._batch_ends: list[int] = []
+        self.sample_chunk = 0  # fixed by the first batch: chunk_steps batches of its size
         data = {}
         for name, (x, y) in splits.items():
             data[f"x_{name}"] = xr.Variable([f"{name}_item"] + [f"x_{name}_{i}" for i in range(1, x.dim())], _np(x))
@@ -89,6 +90,8 @@ class StoreWriter:
 
     # -- buffering ---------------------------------------------------------------------------
     def add_step(self, row: dict, batch: np.ndarray) -> None:
+        if not self.sample_chunk:
+            self.sample_chunk = int(min(SAMPLE_CHUNK_MAX, max(1, len(batch) * self.chunk_steps)))
         row = dict(row, batch_start=self.written_samples + self.pending.n_samples, batch_size=len(batch))
         self.pending.steps.append(row)
         self._batch_ends.append(row["batch_start"] + len(batch))
@@ -130,10 +133,11 @@ class StoreWriter:
             self._append(xr.Dataset(data), "ckpt", chunks)
             self.written_ckpts += n_ck
         all_samples = np.concatenate(p.samples) if p.samples else np.zeros(0, np.int64)
-        n_sa = len(all_samples) if final else (len(all_samples) // SAMPLE_CHUNK) * SAMPLE_CHUNK
+        chunk = max(1, self.sample_chunk)
+        n_sa = len(all_samples) if final else (len(all_samples) // chunk) * chunk
         if n_sa:
             self._append(xr.Dataset({"batch_index": ("sample", all_samples[:n_sa])}), "sample",
-                         {"batch_index": (SAMPLE_CHUNK,)})
+                         {"batch_index": (chunk,)})
             self.written_samples += n_sa
         p.samples = [all_samples[n_sa:]] if n_sa < len(all_samples) else []
         n_st = len(p.steps) if final else (len(p.steps) // self.chunk_steps) * self.chunk_steps

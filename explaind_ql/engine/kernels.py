@@ -59,6 +59,7 @@ class Request:
     nodes: int = 2
     tolerance: float | None = 1e-6
     strategy: str | None = None
+    segment_steps: int | None = None
 
     @property
     def data(self) -> bool:
@@ -100,6 +101,12 @@ class Engine:
         self.fn = ModelFn(run.build_model(), run.space, run.constants, run.loss, self.device, dtype)
         self.traj = Trajectory(run, self.device, dtype)
         self._split_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        theta0 = run.stored_state(0)[0].to(self.device, dtype)
+        self.n_out = int(self.fn.forward(theta0, self.split(run.splits[0])[0][:1]).reshape(1, -1).shape[1])
+        self.max_batch = int(run.step_var("batch_size").max()) if run.n_steps else 1
+
+    def target_labels(self, spec: TargetSpec) -> list[tuple[int | None, int | None]]:
+        return targets.labels(spec, self.n_out)
 
     # -- inputs ------------------------------------------------------------------------------
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,6 +152,7 @@ class _Context:
         space: ParamSpace = eng.run.space
         self.sel = space.subspace(list(req.params))
         self.idx = space.element_index(self.sel).to(dev)
+        self.all_params = self.sel.size == space.size
         if req.by_element:
             self.gidx = torch.arange(self.sel.size, device=dev)
             self.G = self.sel.size
@@ -159,8 +167,7 @@ class _Context:
         items = torch.tensor(req.target.items, device=dev)
         self.x_items = x[items]
         self.target_fn = targets.make(req.target, y[items], eng.run.loss)
-        n_out = int(eng.fn.forward(eng.traj.run.stored_state(0)[0].to(dev, dt), self.x_items[:1]).reshape(1, -1).shape[1])
-        self.labels = targets.labels(req.target, n_out)
+        self.labels = eng.target_labels(req.target)
         self.T = len(self.labels)
         # training examples: output column of every train index (-1: not selected)
         n_train = eng.run.split_size("train")
@@ -196,7 +203,9 @@ class _Context:
         hi = min(len(run.ckpt_states) - 1, int(torch.searchsorted(torch.as_tensor(run.ckpt_states), req.b)))
         f = [self._f(run.stored_state(p)[0].to(self.eng.device, self.eng.dtype)) for p in (lo, hi)]
         scale = torch.maximum((f[1] - f[0]).abs(), 1e-9 * (1 + f[0].abs()))
-        return req.tolerance * scale / max(1, req.b - req.a)
+        # below a few roundings of F the exact-change check measures noise, not quadrature error
+        noise = 16 * torch.finfo(self.eng.dtype).eps * (1 + f[0].abs() + f[1].abs())
+        return torch.maximum(req.tolerance * scale / max(1, req.b - req.a), noise)
 
     def _f(self, theta: torch.Tensor) -> torch.Tensor:
         return self.target_fn(self.eng.fn.forward(theta, self.x_items))
@@ -208,10 +217,11 @@ class _Context:
 
         def jac_at(ts: torch.Tensor) -> torch.Tensor:
             pts = theta[None] + ts[:, None] * delta[None]
-            return fn.jacobian(self.sel, self.target_fn, pts, lambda p: p[:, idx], self.x_items)
+            return fn.jacobian(self.sel, self.target_fn, pts, lambda p: p[:, idx], self.x_items, self.T)
 
+        f_at = (lambda t: self._f(theta + t * delta)) if self.all_params else None
         return quadrature.integrate(jac_at, delta[idx], self.req.nodes, self.budget, rec.s, self.qstats,
-                                    self.eng.dtype, self.eng.device)
+                                    self.eng.dtype, self.eng.device, f_at)
 
     def check_step(self, k: int, rec: StepRecord, phi: torch.Tensor) -> None:
         self.step_actual[k] = self._f(rec.theta_next) - self._f(rec.theta)
@@ -287,31 +297,41 @@ class _Context:
 
     # -- backward strategy (fold) ------------------------------------------------------------
     def run_fold(self) -> None:
-        """Backward over steps, Q_i = R_i + a_{i+1} Q_{i+1}; influence of batch i is g_{i,k}·A_i."""
-        req, idx = self.req, self.idx
-        records: list[tuple[StepRecord, LinearStep, torch.Tensor]] = []
-        m0 = None
-        for k, rec in enumerate(self.eng.traj.walk(req.a, req.b)):
-            if m0 is None:
-                m0 = rec.state_before.momentum.to(self.eng.device, self.eng.dtype)[idx]
-            phi = self.phi(rec)
-            self.check_step(k, rec, phi)
-            rec.state_before = None  # only the first step's state is needed (for the carried momentum)
-            records.append((rec, rec.linear.take(idx), phi))
-        q = a_next = None
-        for rec, ls, phi in reversed(records):
-            r = ls.out_coef() * phi
-            q = r if q is None else r + a_next * q
-            a_vec = ls.b * q + ls.direct_coef() * phi  # A_i, (T, P_sel)
-            th = rec.theta[idx]
-            self.wd[0] += self.contract(a_vec, ls.lam_c * th) + self.contract(phi, -ls.eta * ls.lam_d * th)
-            ex, cols = self.batch_examples(rec)
-            if len(ex):
-                scale = rec.meta.clip * rec.meta.weight
-                self.grad[0].index_add_(1, cols, self._batch_influence(rec, ex, a_vec) * scale)
-            a_next = ls.a
-        if records:
+        """Backward over steps, Q_i = R_i + a_{i+1} Q_{i+1}; influence of batch i is g_{i,k}·A_i.
+
+        Steps are processed in segments, last segment first: each is walked forward (its φ
+        and θ kept), then folded backward, so memory holds one segment, not the whole range.
+        """
+        req = self.req
+        seg = max(1, self.req.segment_steps or (req.b - req.a))
+        starts = list(range(req.a, req.b, seg))
+        q = a_next = m0 = None
+        for lo in reversed(starts):
+            hi = min(lo + seg, req.b)
+            records = []
+            for rec in self.eng.traj.walk(lo, hi):
+                if rec.s == req.a:
+                    m0 = rec.state_before.momentum.to(self.eng.device, self.eng.dtype)[self.idx]
+                phi = self.phi(rec)
+                self.check_step(rec.s - req.a, rec, phi)
+                rec.state_before = None
+                records.append((rec, rec.linear.take(self.idx), phi))
+            for rec, ls, phi in reversed(records):
+                q, a_next = self._fold_step(rec, ls, phi, q, a_next)
+        if q is not None:
             self.mom[0] += self.contract(a_next * q, m0)
+
+    def _fold_step(self, rec: StepRecord, ls: LinearStep, phi: torch.Tensor, q, a_next):
+        r = ls.out_coef() * phi
+        q = r if q is None else r + a_next * q
+        a_vec = ls.b * q + ls.direct_coef() * phi  # A_i, (T, P_sel)
+        th = rec.theta[self.idx]
+        self.wd[0] += self.contract(a_vec, ls.lam_c * th) + self.contract(phi, -ls.eta * ls.lam_d * th)
+        ex, cols = self.batch_examples(rec)
+        if len(ex):
+            scale = rec.meta.clip * rec.meta.weight
+            self.grad[0].index_add_(1, cols, self._batch_influence(rec, ex, a_vec) * scale)
+        return q, ls.a
 
     def _batch_influence(self, rec: StepRecord, ex: torch.Tensor, a_vec: torch.Tensor) -> torch.Tensor:
         """(T, n, G): g_{i,k}·A_i per group for the batch's selected examples."""

@@ -67,10 +67,12 @@ class ModelFn:
 
     def jacobian(self, sel: ParamSpace, target: Callable[[torch.Tensor], torch.Tensor],
                  points: torch.Tensor, theta_sel_of: Callable[[torch.Tensor], torch.Tensor],
-                 x: torch.Tensor) -> torch.Tensor:
+                 x: torch.Tensor, n_targets: int) -> torch.Tensor:
         """(m, T, P_sel) Jacobian of the target vector wrt the selected params at m full points."""
         def tvec(th_sel, th_full):
             return target(self._call(th_full, sel, th_sel, x))
 
-        jac = torch.func.jacrev(tvec)
-        return vmap(jac)(theta_sel_of(points), points)
+        if n_targets == 1:  # aggregated target: a gradient is cheaper than a Jacobian
+            g = vmap(grad(lambda a, b: tvec(a, b)[0]))(theta_sel_of(points), points)
+            return g[:, None, :]
+        return vmap(torch.func.jacrev(tvec))(theta_sel_of(points), points)

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-MAX_DEPTH = 14
+MAX_SPLITS = 256
 
 
 @lru_cache(maxsize=32)
@@ -39,42 +39,56 @@ class QuadStats:
     max_error: float = 0.0
 
 
-def _estimate(jac_at: Callable[[torch.Tensor], torch.Tensor], lo: float, hi: float, n: int,
-              dtype, device, stats: QuadStats) -> torch.Tensor:
-    t, w = nodes(n, dtype, device)
-    ts = lo + (hi - lo) * t
-    j = jac_at(ts)  # (n, T, P)
-    stats.evaluations += n
-    return (hi - lo) * torch.einsum("n,ntp->tp", w, j)
+def _estimates(jac_at: Callable[[torch.Tensor], torch.Tensor], lo: float, hi: float, ns: tuple[int, ...],
+               dtype, device, stats: QuadStats) -> list[torch.Tensor]:
+    """Estimates of ∫_lo^hi ∇F with each node count in ``ns``, from one batched Jacobian call."""
+    rules = [nodes(n, dtype, device) for n in ns]
+    ts = torch.cat([lo + (hi - lo) * t for t, _ in rules])
+    j = jac_at(ts)  # (Σn, T, P)
+    stats.evaluations += len(ts)
+    out, k = [], 0
+    for t, w in rules:
+        out.append((hi - lo) * torch.einsum("n,ntp->tp", w, j[k: k + len(t)]))
+        k += len(t)
+    return out
 
 
 def integrate(jac_at: Callable[[torch.Tensor], torch.Tensor], delta_sel: torch.Tensor, n: int,
-              budget: torch.Tensor | None, step: int, stats: QuadStats, dtype, device) -> torch.Tensor:
+              budget: torch.Tensor | None, step: int, stats: QuadStats, dtype, device,
+              f_at: Callable[[float], torch.Tensor] | None = None) -> torch.Tensor:
     """φ (T, P_sel) over [0, 1]. ``jac_at(ts)`` gives the Jacobian at θ + tΔθ for each t.
 
-    ``budget`` (per target, absolute) turns on adaptive refinement; None means fixed n nodes.
+    ``budget`` (per target, absolute error of the step) turns on global adaptive
+    refinement: the interval with the largest error is halved until the summed error
+    fits (so a jump in the integrand, as at a ReLU kink, costs one split per halving of
+    its error). An interval's error is how much its n- and 2n-node estimates differ
+    along Δθ and, with ``f_at`` (the target at θ + tΔθ), how far its estimate misses the
+    exact change F(hi) − F(lo): that catches kinks so close to an end that no node sees
+    them. ``f_at`` is passed only when every param is selected, where that is exact.
     """
     if budget is None:
-        return _estimate(jac_at, 0.0, 1.0, n, dtype, device, stats)
-    refined = False
+        return _estimates(jac_at, 0.0, 1.0, (n,), dtype, device, stats)[0]
 
-    def rec(lo: float, hi: float, depth: int) -> torch.Tensor:
-        nonlocal refined
-        coarse = _estimate(jac_at, lo, hi, n, dtype, device, stats)
-        fine = _estimate(jac_at, lo, hi, 2 * n, dtype, device, stats)
+    def piece(lo: float, hi: float, f_lo, f_hi) -> tuple:
+        coarse, fine = _estimates(jac_at, lo, hi, (n, 2 * n), dtype, device, stats)
         err = ((fine - coarse) @ delta_sel).abs()
-        allowed = budget * (hi - lo)
-        if bool((err <= allowed).all()):
-            return fine
-        if depth >= MAX_DEPTH:
-            if step not in stats.unconverged:
-                stats.unconverged.append(step)
-            stats.max_error = max(stats.max_error, float((err - allowed).max()))
-            return fine
-        refined = True
-        mid = (lo + hi) / 2
-        return rec(lo, mid, depth + 1) + rec(mid, hi, depth + 1)
+        if f_lo is not None:
+            err = torch.maximum(err, (fine @ delta_sel - (f_hi - f_lo)).abs())
+        return (lo, hi, fine, err, f_lo, f_hi)
 
-    out = rec(0.0, 1.0, 0)
-    stats.refined_steps += int(refined)
-    return out
+    safe = budget.clamp_min(torch.finfo(budget.dtype).tiny)
+    pieces = [piece(0.0, 1.0, *((f_at(0.0), f_at(1.0)) if f_at is not None else (None, None)))]
+    splits = 0
+    while bool((sum(p[3] for p in pieces) > budget).any()):
+        if splits >= MAX_SPLITS:
+            stats.unconverged.append(step)
+            stats.max_error = max(stats.max_error, float((sum(p[3] for p in pieces) / safe).max()))
+            break
+        worst = max(range(len(pieces)), key=lambda i: float((pieces[i][3] / safe).max()))
+        lo, hi, _, _, f_lo, f_hi = pieces.pop(worst)
+        mid = (lo + hi) / 2
+        f_mid = f_at(mid) if f_at is not None else None
+        pieces += [piece(lo, mid, f_lo, f_mid), piece(mid, hi, f_mid, f_hi)]
+        splits += 1
+    stats.refined_steps += int(splits > 0)
+    return sum(p[2] for p in pieces)

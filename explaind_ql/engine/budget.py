@@ -1,0 +1,152 @@
+"""Working-set estimates, and chunking a request so that it fits a memory budget.
+
+Every term is additive over params and independent across test items and training
+examples, so a request that does not fit is split along those axes and the partial
+results are joined exactly. When even the smallest chunk does not fit, the query is
+refused with the selection to narrow, before any work is done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import psutil
+import torch
+
+from ..errors import BudgetError
+from .kernels import Request, Result
+
+SAFE_FRACTION = 0.5
+OVERHEAD = 4.0  # autograd intermediates per gradient evaluation, relative to the outputs kept
+
+
+def default_budget(device: torch.device) -> int:
+    """Half of what the device has free now."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(SAFE_FRACTION * free)
+    return int(SAFE_FRACTION * psutil.virtual_memory().available)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def estimate(req: Request, n_total: int, n_sel: int, n_targets: int, n_train: int, batch: int,
+             itemsize: int) -> int:
+    """Bytes the request holds at its peak."""
+    T, G = n_targets, (n_sel if req.by_element else req.n_groups)
+    nodes = 3 * req.nodes if req.tolerance is not None else req.nodes
+    b = nodes * T * n_sel * OVERHEAD + 12 * n_total + 3 * req.n_bins * T * G
+    strategy = req.choose_strategy()
+    n_ex = n_train if req.examples is None else len(req.examples)
+    e_out = n_ex if req.keep_examples else 1
+    if strategy != "delta":
+        b += req.n_bins * T * e_out * G + batch * n_sel * OVERHEAD
+    if strategy == "momentum":
+        b += 2 * n_ex * n_sel + T * min(batch, n_ex) * (G if G <= 64 else n_sel)
+    if strategy == "fold":
+        seg = req.segment_steps or (req.b - req.a)
+        b += seg * (n_total + (T + 6) * n_sel) + T * batch * G
+    return int(b * itemsize)
+
+
+def _halves(items: tuple) -> list[tuple]:
+    mid = len(items) // 2
+    return [items[:mid], items[mid:]]
+
+
+def split(req: Request, sel_params: list[str]) -> tuple[str, list[Request]] | None:
+    """The next way to shrink a request: fold segments, test items, examples, then params."""
+    if req.choose_strategy() == "fold" and (req.segment_steps or (req.b - req.a)) > 1:
+        seg = req.segment_steps or (req.b - req.a)
+        return "segment", [replace(req, segment_steps=max(1, seg // 2))]
+    if req.target.keep_test and len(req.target.items) > 1:
+        return "test", [replace(req, target=replace(req.target, items=h)) for h in _halves(req.target.items)]
+    if req.examples is not None and len(req.examples) > 1 and req.choose_strategy() == "momentum":
+        return "example", [replace(req, examples=h) for h in _halves(req.examples)]
+    if len(sel_params) > 1:
+        order = {n: i for i, n in enumerate(req.params)}
+        parts = []
+        for h in _halves(tuple(sel_params)):
+            parts.append(replace(req, params=h, group_of_param=tuple(req.group_of_param[order[n]] for n in h)))
+        return "param", parts
+    return None
+
+
+def merge(axis: str, parts: list[Result], by_element: bool) -> Result:
+    """Join partial results: concatenate along tests/examples/elements, add over params."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    cat = torch.cat
+    if axis == "test":
+        r = Result(cat([p.gradient for p in parts], 1), cat([p.weight_decay for p in parts], 1),
+                   cat([p.momentum for p in parts], 1), sum((p.target_labels for p in parts), []),
+                   first.example_ids, cat([p.actual for p in parts]), cat([p.explained for p in parts]),
+                   cat([p.step_actual for p in parts], 1), cat([p.step_explained for p in parts], 1))
+    elif axis == "segment":
+        return first
+    elif axis == "example":
+        r = Result(cat([p.gradient for p in parts], 2), first.weight_decay, first.momentum, first.target_labels,
+                   cat([p.example_ids for p in parts]), first.actual, first.explained,
+                   first.step_actual, first.step_explained)
+    else:  # param chunks: element groups concatenate, named groups add
+        join = (lambda ts: cat(ts, -1)) if by_element else (lambda ts: sum(ts))
+        r = Result(join([p.gradient for p in parts]), join([p.weight_decay for p in parts]),
+                   join([p.momentum for p in parts]), first.target_labels, first.example_ids,
+                   first.actual, sum(p.explained for p in parts), first.step_actual,
+                   sum(p.step_explained for p in parts))
+    r.stats = dict(first.stats, chunks=sum(p.stats.get("chunks", 1) for p in parts),
+                   seconds=sum(p.stats.get("seconds", 0.0) for p in parts),
+                   evaluations=sum(p.stats.get("evaluations", 0) for p in parts))
+    return r
+
+
+def refuse(req: Request, need: int, budget: int) -> BudgetError:
+    what = []
+    if len(req.target.items) > 1:
+        what.append("fewer test items")
+    if req.keep_examples or req.examples is not None:
+        what.append("fewer training examples (from ...)")
+    what.append("fewer layers (of ...)")
+    if req.b - req.a > 1:
+        what.append("fewer steps (over steps ...)")
+    return BudgetError(f"the query needs about {fmt_bytes(need)} but the budget is {fmt_bytes(budget)}, even "
+                       f"in the smallest chunks; narrow the selection ({', '.join(what)}) or raise it "
+                       "with 'using budget ...'")
+
+
+def plan(engine, req: Request, budget: int) -> tuple:
+    """Chunk tree for ``req`` under ``budget``: ('leaf', req, bytes) or ('split', axis, [subtrees])."""
+    run = engine.run
+    sel = [n for n in run.space.names if n in set(req.params)]
+    n_sel = sum(run.space.by_name[n].numel for n in sel)
+    n_targets = len(engine.target_labels(req.target))
+    need = estimate(req, run.space.size, n_sel, n_targets, run.split_size("train"), engine.max_batch,
+                    torch.empty((), dtype=engine.dtype).element_size())
+    if need <= budget:
+        return ("leaf", req, need)
+    nxt = split(req, sel)
+    if nxt is None:
+        raise refuse(req, need, budget)
+    axis, parts = nxt
+    return ("split", axis, [plan(engine, p, budget) for p in parts])
+
+
+def execute(engine, tree: tuple) -> Result:
+    if tree[0] == "leaf":
+        r = engine.run_request(tree[1])
+        r.stats["estimated_bytes"] = tree[2]
+        return r
+    _, axis, subs = tree
+    return merge(axis, [execute(engine, t) for t in subs], subs[0][1].by_element if subs[0][0] == "leaf"
+                 else _by_element(subs[0]))
+
+
+def _by_element(tree: tuple) -> bool:
+    return tree[1].by_element if tree[0] == "leaf" else _by_element(tree[2][0])

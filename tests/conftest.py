@@ -1,0 +1,24 @@
+"""Shared fixtures: toy runs recorded once per session (recording is the slow part)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from explaind_ql.toy import record_toy
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory):
+    """``toy_run(model, optimizer, dtype=..., **kw)`` → path of a recorded toy run (cached)."""
+    cache: dict = {}
+    root = tmp_path_factory.mktemp("runs")
+
+    def make(model="mlp", optimizer="adamw", dtype=torch.float64, **kw):
+        key = (model, optimizer, dtype, tuple(sorted(kw.items())))
+        if key not in cache:
+            name = f"{model}-{optimizer}-{str(dtype)[6:]}-{len(cache)}.zarr"
+            cache[key] = record_toy(root / name, model, optimizer, dtype, **kw)
+        return cache[key]
+
+    return make

@@ -1,0 +1,213 @@
+"""The invariants of math.md, on a GELU MLP, a tiny transformer and a tiny CNN, for every optimizer.
+
+Every toy run has an LR schedule, two param groups with their own hyperparameters,
+gradient clipping and an uneven last batch (see explaind_ql.toy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import explaind_ql as eq
+from explaind_ql.engine.budget import execute, plan
+from explaind_ql.engine.kernels import Engine, Request
+from explaind_ql.engine.reconstruct import update_errors
+from explaind_ql.engine.targets import TargetSpec
+from explaind_ql.errors import BudgetError
+from explaind_ql.toy import MODELS, OPTIMIZERS
+
+STEPS = 12
+
+
+def request(run, *, by="param", items=None, keep_test=True, kind="label", **kw) -> Request:
+    names = tuple(run.space.names)
+    if by == "param":
+        groups, n = tuple(range(len(names))), len(names)
+    else:  # one group for everything
+        groups, n = tuple(0 for _ in names), 1
+    items = tuple(range(run.split_size("test"))) if items is None else items
+    target = TargetSpec(kind, "test", items, keep_test=keep_test, keep_output=kind == "outputs")
+    return Request(kw.pop("a", 0), kw.pop("b", run.n_steps), target,
+                   names, groups, n, **kw)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_replication_and_step_closure_float64(toy_run, model, optimizer):
+    """Invariants 1 and 2 for all three strategies: F(θ_0) + Σ terms = F(θ_N); per-step closure."""
+    run = eq.open(toy_run(model, optimizer, steps=STEPS))
+    eng = Engine(run)
+    per_step = dict(step_bin=tuple(range(STEPS)), n_bins=STEPS)
+    results = {
+        "delta": eng.run_request(request(run, **per_step)),
+        "fold": eng.run_request(request(run, keep_examples=True)),
+        "momentum": eng.run_request(request(run, keep_examples=True, **per_step)),
+    }
+    for name, r in results.items():
+        assert rel(r.total(), r.actual) <= 1e-10, name                 # invariant 1
+        assert rel(r.explained, r.actual) <= 1e-10, name
+        assert r.stats["strategy"] == name
+    for name in ("delta", "momentum"):                                   # invariant 2, per step
+        r = results[name]
+        per = r.gradient.sum((2, 3)) + r.weight_decay.sum(2) + r.momentum.sum(2)
+        assert rel(per, r.step_explained) <= 1e-10, name
+    # the strategies agree on every param's gradient and decay terms
+    d, f, m = results["delta"], results["fold"], results["momentum"]
+    assert rel(f.gradient.sum((0, 2)), d.gradient.sum((0, 2))) <= 1e-9
+    assert rel(m.gradient.sum((0, 2)), d.gradient.sum((0, 2))) <= 1e-9
+    assert rel(f.weight_decay.sum(0), d.weight_decay.sum(0)) <= 1e-9
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_update_reconstruction(toy_run, model, optimizer):
+    """Invariant 3: per-example gradients + recorded state rebuild every recorded Δθ_s."""
+    run = eq.open(toy_run(model, optimizer, steps=STEPS))
+    errs = update_errors(Engine(run), 0, run.n_steps)
+    assert len(errs) == STEPS
+    assert float(errs.max()) <= 1e-10
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_float32_replication(toy_run, optimizer):
+    run = eq.open(toy_run("mlp", optimizer, dtype=torch.float32, steps=STEPS))
+    for dtype in (torch.float32, torch.float64):
+        eng = Engine(run, dtype=dtype)
+        for r in (eng.run_request(request(run)), eng.run_request(request(run, keep_examples=True))):
+            assert rel(r.total(), r.actual) <= 1e-4
+    assert float(update_errors(Engine(run, dtype=torch.float32), 0, STEPS).max()) <= 1e-4
+
+
+def test_weight_decay_and_carried_momentum_terms(toy_run):
+    """A mid-trajectory window reports the momentum carried in as its own term."""
+    run = eq.open(toy_run("mlp", "sgd", steps=STEPS))
+    eng = Engine(run)
+    full = eng.run_request(request(run, step_bin=tuple(range(STEPS)), n_bins=STEPS))
+    win = eng.run_request(request(run, a=4, b=9))
+    assert float(win.momentum.abs().sum()) > 0
+    assert float(full.weight_decay.abs().sum()) > 0
+    # invariant 5 for steps: the window's total equals the full query's steps 4..8
+    assert rel(win.total(), (full.gradient.sum((2, 3)) + full.weight_decay.sum(2) + full.momentum.sum(2))[4:9].sum(0)) <= 1e-10
+    # with decoupled decay, the momentum carried in holds only gradients: window gradient +
+    # carried momentum equals the full query's gradient term of those steps
+    run_w = eq.open(toy_run("mlp", "adamw", steps=STEPS))
+    eng_w = Engine(run_w)
+    full_w = eng_w.run_request(request(run_w, step_bin=tuple(range(STEPS)), n_bins=STEPS))
+    win_w = eng_w.run_request(request(run_w, a=4, b=9))
+    assert rel(win_w.gradient.sum((0, 2)) + win_w.momentum.sum(0), full_w.gradient[4:9].sum((0, 2))) <= 1e-10
+    assert rel(win_w.weight_decay.sum(0), full_w.weight_decay[4:9].sum(0)) <= 1e-10
+    # the data strategies agree with the window, carried momentum included
+    fold = eng.run_request(request(run, a=4, b=9, keep_examples=True))
+    assert rel(fold.momentum.sum(0), win.momentum.sum(0)) <= 1e-9
+    assert rel(fold.total(), win.actual) <= 1e-10
+
+
+def test_additivity_and_restriction_commute(toy_run):
+    """Invariants 4 and 5: grouping is a sum; restricting params, steps and examples equals filtering."""
+    run = eq.open(toy_run("transformer", "adamw", steps=STEPS))
+    eng = Engine(run)
+    fixed = dict(tolerance=None, nodes=3)  # identical quadrature in both queries
+    by_param = eng.run_request(request(run, **fixed))
+    one = eng.run_request(request(run, by="all", **fixed))
+    assert rel(one.gradient.sum(-1), by_param.gradient.sum(-1)) <= 1e-12
+    names = run.space.names
+    some = tuple(n for n in names if n.startswith("attn") or n.startswith("emb"))
+    sub = dataclasses.replace(request(run, **fixed), params=some,
+                              group_of_param=tuple(names.index(n) for n in some))
+    restricted = eng.run_request(sub)
+    cols = [names.index(n) for n in some]
+    assert rel(restricted.gradient[..., cols], by_param.gradient[..., cols]) <= 1e-12
+    assert rel(restricted.weight_decay[..., cols], by_param.weight_decay[..., cols]) <= 1e-12
+    # steps binned by 4 equal the sum of per-step rows
+    per_step = eng.run_request(request(run, step_bin=tuple(range(STEPS)), n_bins=STEPS, **fixed))
+    binned = eng.run_request(request(run, step_bin=tuple(s // 4 for s in range(STEPS)), n_bins=3, **fixed))
+    assert rel(binned.gradient, per_step.gradient.reshape(3, 4, *per_step.gradient.shape[1:]).sum(1)) <= 1e-12
+    # examples: `from` a subset equals keeping every example and filtering
+    all_ex = eng.run_request(request(run, keep_examples=True, **fixed))
+    chosen = (1, 4, 7)
+    sub_ex = eng.run_request(request(run, keep_examples=True, examples=chosen, **fixed))
+    assert rel(sub_ex.gradient, all_ex.gradient[:, :, list(chosen)]) <= 1e-12
+    summed = eng.run_request(request(run, examples=chosen, **fixed))
+    assert rel(summed.gradient[:, :, 0], all_ex.gradient[:, :, list(chosen)].sum(2)) <= 1e-12
+
+
+def test_test_aggregation_equals_sum(toy_run):
+    """Linearity: summing targets before differentiating equals summing the per-item results."""
+    run = eq.open(toy_run("cnn", "adam", steps=STEPS))
+    eng = Engine(run)
+    kept = eng.run_request(request(run, tolerance=None))
+    agg = eng.run_request(request(run, keep_test=False, tolerance=None))
+    assert agg.gradient.shape[1] == 1
+    assert rel(agg.gradient[:, 0], kept.gradient.sum(1)) <= 1e-10
+    assert rel(agg.actual, kept.actual.sum(0, keepdim=True)) <= 1e-12
+
+
+@pytest.mark.parametrize("kind", ["outputs", "loss", "logprob", "prob", "margin"])
+def test_every_target_replicates(toy_run, kind):
+    run = eq.open(toy_run("mlp", "adamw", steps=STEPS))
+    r = Engine(run).run_request(request(run, kind=kind, items=(0, 1)))
+    assert len(r.target_labels) == (2 * 3 if kind == "outputs" else 2)
+    assert rel(r.total(), r.actual) <= 1e-9
+
+
+def test_relu_needs_and_gets_adaptive_quadrature(toy_run):
+    """A ReLU model: a fixed midpoint rule leaves an error; adaptive refinement meets the tolerance."""
+    run = eq.open(toy_run("mlp", "sgd", act="relu", steps=STEPS))
+    eng = Engine(run)
+    mid = eng.run_request(request(run, tolerance=None, nodes=1))
+    adaptive = eng.run_request(request(run, tolerance=1e-9, nodes=2))
+    assert rel(adaptive.total(), adaptive.actual) <= 1e-9
+    assert not adaptive.stats["unconverged_steps"]
+    assert rel(adaptive.total(), adaptive.actual) < rel(mid.total(), mid.actual)
+
+
+def test_checkpointed_replay_matches_dense(toy_run):
+    dense = eq.open(toy_run("mlp", "adamw", steps=STEPS))
+    ckpt = eq.open(toy_run("mlp", "adamw", steps=STEPS, checkpoint_every=5))
+    assert not ckpt.dense and list(ckpt.ckpt_states) == [0, 5, 10, 12]
+    rd = Engine(dense).run_request(request(dense, keep_examples=True))
+    e = Engine(ckpt)
+    rc = e.run_request(request(ckpt, keep_examples=True))
+    assert rel(rc.gradient, rd.gradient) <= 1e-10
+    assert e.traj.replayed_steps > 0
+    assert max(d.rel_error for d in ckpt.cache["drift"].values()) <= 1e-10
+
+
+def test_budget_chunks_exactly_and_refuses(toy_run):
+    run = eq.open(toy_run("mlp", "adamw", steps=STEPS))
+    eng = Engine(run)
+    req = request(run, keep_examples=True, tolerance=None)
+    whole = execute(eng, plan(eng, req, 1 << 40))
+    tree = plan(eng, req, 40_000)
+    assert tree[0] == "split"
+    chunked = execute(eng, tree)
+    assert rel(chunked.gradient, whole.gradient) <= 1e-12
+    assert rel(chunked.total(), whole.total()) <= 1e-12
+    with pytest.raises(BudgetError, match="narrow the selection"):
+        plan(eng, req, 100)
+
+
+def test_deterministic(toy_run):
+    run = eq.open(toy_run("mlp", "adam", steps=STEPS))
+    eng = Engine(run)
+    a = eng.run_request(request(run, keep_examples=True))
+    b = Engine(run).run_request(request(run, keep_examples=True))
+    assert torch.equal(a.gradient, b.gradient)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_cuda_matches_cpu(toy_run, optimizer):
+    run = eq.open(toy_run("transformer", optimizer, steps=STEPS))
+    cpu = Engine(run).run_request(request(run, keep_examples=True))
+    gpu = Engine(run, device="cuda").run_request(request(run, keep_examples=True))
+    assert gpu.gradient.device.type == "cuda"
+    assert rel(gpu.gradient.cpu(), cpu.gradient) <= 1e-9
+    assert rel(gpu.total().cpu(), gpu.actual.cpu()) <= 1e-10

@@ -1,0 +1,343 @@
+"""Recording: store round-trip, refusals, record-time verification, crash safety, replay."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import zarr
+
+import explaind_ql as eq
+from explaind_ql.engine.kernels import Engine, Request
+from explaind_ql.engine.targets import TargetSpec
+from explaind_ql.errors import RecordingError, StoreError, VerificationError
+from explaind_ql.models import MLP
+from explaind_ql.recorder import default_checkpoint_every
+
+FACTORY = dict(factory="explaind_ql.models:MLP", factory_kwargs={"sizes": [4, 6, 3]})
+
+
+def data(n=12, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+def mlp(dtype=torch.float64):
+    torch.manual_seed(0)
+    return MLP([4, 6, 3]).to(dtype)
+
+
+def train_steps(rec, model, opt, x, y, steps, batch=4, clip=None, sched=None):
+    for s in range(steps):
+        idx = torch.arange(s * batch, s * batch + batch) % len(x)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        if clip:
+            rec.clip_grad_norm_(clip)
+        opt.step()
+        if sched:
+            sched.step()
+        rec.step(idx, loss=loss)
+
+
+def test_round_trip(tmp_path):
+    x, y = data()
+    xv, yv = data(5, seed=1)
+    model = mlp()
+    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+    with eq.Recorder(tmp_path / "r.zarr", model, opt, train=(x, y), test=(xv, yv), val=(xv[:3], yv[:3]),
+                     checkpoint_every=None, chunk_steps=4, **FACTORY) as rec:
+        train_steps(rec, model, opt, x, y, 7, clip=0.3, sched=sched)
+    run = eq.open(tmp_path / "r.zarr")
+    assert run.n_steps == 7 and run.dense and run.closed
+    assert run.splits == ["train", "test", "val"] and run.split_size("val") == 3
+    assert torch.equal(run.split("train")[0], x) and torch.equal(run.split("val")[1], yv[:3])
+    assert torch.equal(run.stored_state(0)[0], theta0)
+    final = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.equal(run.stored_state(len(run.ckpt_states) - 1)[0], final)
+    assert list(run.ckpt_states) == list(range(8))
+    lrs = [run.step_meta(s).lr[0] for s in range(7)]
+    assert lrs == [1e-2, 1e-2, 5e-3, 5e-3, 2.5e-3, 2.5e-3, 1.25e-3]  # read before the scheduler stepped
+    assert torch.equal(run.step_meta(3).batch, torch.arange(12, 16) % 12)
+    assert all(0 < run.step_meta(s).clip <= 1 for s in range(7))
+    assert run.step_meta(0).weight == pytest.approx(0.25)
+    info = run.info()
+    assert info["layers"] == {"net": 51, "net.0": 30, "net.2": 21}
+    assert info["optimizer"]["class"] == "AdamW" and info["bytes_on_disk"] > 0
+    attrs = run.attrs
+    assert attrs["explaind_format"] == 1 and attrs["torch_version"] == torch.__version__
+    assert attrs["loss"] == {"name": "cross_entropy", "reduction": "mean"}
+    assert attrs["factory"] == "explaind_ql.models:MLP"
+    assert "7 steps" in repr(run)
+
+
+def test_checkpointed_store_and_replay_equal_dense(tmp_path):
+    """Replay from checkpoints recreates the dense recording of the same run."""
+    paths = {}
+    for mode, every in (("dense", None), ("ckpt", 3)):
+        x, y = data()
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+        with eq.Recorder(tmp_path / f"{mode}.zarr", model, opt, train=(x, y), test=(x[:3], y[:3]),
+                         checkpoint_every=every, **FACTORY) as rec:
+            train_steps(rec, model, opt, x, y, 10, clip=0.5)
+        paths[mode] = tmp_path / f"{mode}.zarr"
+    dense, ckpt = eq.open(paths["dense"]), eq.open(paths["ckpt"])
+    assert list(ckpt.ckpt_states) == [0, 3, 6, 9, 10]
+    assert ckpt.bytes_on_disk < dense.bytes_on_disk
+    e_d, e_c = Engine(dense), Engine(ckpt)
+    for rd, rc in zip(e_d.traj.walk(0, 10), e_c.traj.walk(0, 10)):
+        assert torch.allclose(rc.theta, rd.theta, rtol=0, atol=1e-14)
+        assert torch.allclose(rc.state_before.momentum, rd.state_before.momentum, rtol=0, atol=1e-14)
+    assert e_c.traj.replayed_steps > 0
+    drift = ckpt.cache["drift"]
+    assert set(drift) == {3, 6, 9, 10} and max(d.rel_error for d in drift.values()) < 1e-12
+
+
+def test_default_checkpointing_depends_on_size():
+    assert default_checkpoint_every(1000, 4, 2) is None
+    assert default_checkpoint_every(100_000, 4, 2) == 100
+
+
+# -- refusals: one line naming the setting ---------------------------------------------------------
+
+def _rec(tmp_path, model=None, opt=None, **kw):
+    model = model or mlp()
+    opt = opt or torch.optim.AdamW(model.parameters())
+    x, y = data()
+    return eq.Recorder(tmp_path / "r.zarr", model, opt, train=(x, y), **{**FACTORY, **kw})
+
+
+@pytest.mark.parametrize("make_opt,needle", [
+    (lambda ps: torch.optim.AdamW(ps, amsgrad=True), "amsgrad=True"),
+    (lambda ps: torch.optim.Adam(ps, maximize=True), "maximize=True"),
+    (lambda ps: torch.optim.SGD(ps, lr=0.1, maximize=True), "maximize=True"),
+    (lambda ps: torch.optim.RMSprop(ps), "optimizer class RMSprop"),
+    (lambda ps: torch.optim.Adagrad(ps), "optimizer class Adagrad"),
+])
+def test_refuses_unsupported_optimizers(tmp_path, make_opt, needle):
+    model = mlp()
+    with pytest.raises(RecordingError, match=needle) as exc:
+        _rec(tmp_path, model, make_opt(model.parameters()))
+    assert "\n" not in str(exc.value) and "unsupported optimizer setting" in str(exc.value)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"factory": "__main__:build"}, "__main__"),
+    ({"factory": "no_such_module_xyz:build"}, "cannot import factory"),
+    ({"factory": "explaind_ql.models:MLP", "factory_kwargs": {"sizes": [4, 7, 3]}}, "parameters differ"),
+    ({"factory_kwargs": {"sizes": [4, 6, 3], "bad": object()}}, "JSON"),
+    ({"loss": "hinge"}, "unknown loss 'hinge'"),
+    ({"reduction": "none"}, "unsupported loss reduction"),
+    ({"checkpoint_every": 0}, "checkpoint_every"),
+])
+def test_refuses_bad_setup(tmp_path, kw, needle):
+    with pytest.raises(RecordingError, match=needle):
+        _rec(tmp_path, **kw)
+
+
+def test_refuses_batchnorm_dropout_and_local_classes(tmp_path):
+    x, y = data()
+    bn = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).double()
+    with pytest.raises(RecordingError, match="BatchNorm1d"):
+        eq.Recorder(tmp_path / "a.zarr", bn, torch.optim.SGD(bn.parameters(), lr=0.1), train=(x, y))
+    dr = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5)).double()
+    with pytest.raises(RecordingError, match="Dropout p=0.5"):
+        eq.Recorder(tmp_path / "b.zarr", dr, torch.optim.SGD(dr.parameters(), lr=0.1), train=(x, y))
+
+    class Local(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+    m = Local()
+    with pytest.raises(RecordingError, match="cannot be rebuilt"):
+        eq.Recorder(tmp_path / "c.zarr", m, torch.optim.SGD(m.parameters(), lr=0.1), train=(x, y))
+
+
+def test_refuses_sparse_gradients(tmp_path):
+    emb = torch.nn.Embedding(5, 3, sparse=True)
+    opt = torch.optim.SGD(emb.parameters(), lr=0.1)
+    rec = eq.Recorder(tmp_path / "s.zarr", emb, opt, train=(torch.arange(5), torch.randn(5, 3)), loss="mse",
+                      factory="torch.nn:Embedding", factory_kwargs={"num_embeddings": 5, "embedding_dim": 3, "sparse": True})
+    F.mse_loss(emb(torch.arange(5)), torch.zeros(5, 3)).backward()
+    opt.step()
+    with pytest.raises(RecordingError, match="sparse gradient"):
+        rec.step(torch.arange(5))
+
+
+def test_existing_path_and_bad_batches(tmp_path):
+    rec = _rec(tmp_path)
+    with pytest.raises(RecordingError, match=r"0\.\.11"):
+        rec.step([3, 40])
+    with pytest.raises(StoreError, match="already exists"):
+        _rec(tmp_path)
+
+
+# -- record-time verification ----------------------------------------------------------------------
+
+def test_verification_catches_unrecorded_clip(tmp_path):
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rec = _rec(tmp_path, model, opt)
+    x, y = data()
+    F.cross_entropy(model(x[:4]), y[:4]).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # not through the recorder
+    opt.step()
+    with pytest.raises(VerificationError, match=r"step 0: gradients of 'net.0.weight' were rescaled by .* "
+                                                r"rec.clip_grad_norm_"):
+        rec.step(torch.arange(4))
+
+
+def test_verification_catches_changed_hyperparameter(tmp_path):
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rec = _rec(tmp_path, model, opt)
+    x, y = data()
+    train_steps(rec, model, opt, x, y, 2)
+    opt.param_groups[0]["betas"] = (0.5, 0.999)
+    with pytest.raises(VerificationError, match="step 2: beta1 of param group 0 changed from 0.9 to 0.5"):
+        train_steps(rec, model, opt, x, y, 1)
+
+
+def test_verification_catches_wrong_update(tmp_path):
+    """An update the model cannot produce (a manual nudge) names step, param and error size."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = _rec(tmp_path, model, opt)
+    x, y = data()
+    F.cross_entropy(model(x[:4]), y[:4]).backward()
+    opt.step()
+    with torch.no_grad():
+        model.net[2].bias.add_(0.01)
+    with pytest.raises(VerificationError, match=r"step 0: the SGD model does not reproduce the update of "
+                                                r"'net.2.bias' \(max error 0.01"):
+        rec.step(torch.arange(4))
+
+
+def test_verification_catches_wrong_loss_or_batch(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = _rec(tmp_path, model, opt)  # recorder is told: cross_entropy, mean
+    x, y = data()
+    F.cross_entropy(model(x[:4]), y[:4], reduction="sum").backward()
+    opt.step()
+    with pytest.raises(VerificationError, match="gradient rebuilt from the recorded batch"):
+        rec.step(torch.arange(4))
+
+
+def test_missing_gradient_is_named(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = _rec(tmp_path, model, opt)
+    x, y = data()
+    F.cross_entropy(model(x[:4]), y[:4]).backward()
+    model.net[2].bias.grad = None
+    opt.step()
+    with pytest.raises(RecordingError, match="'net.2.bias' got no gradient"):
+        rec.step(torch.arange(4))
+
+
+def test_frozen_params_are_constants(tmp_path):
+    model = mlp()
+    model.net[0].bias.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    x, y = data()
+    with _rec(tmp_path, model, opt) as rec:
+        train_steps(rec, model, opt, x, y, 3)
+    run = eq.open(tmp_path / "r.zarr")
+    assert "net.0.bias" not in run.space.names and "net.0.bias" in run.constants
+    r = Engine(run).run_request(Request(0, 3, TargetSpec("label", "train", (0, 1)), tuple(run.space.names),
+                                        (0, 0, 0), 1))
+    assert float((r.total() - r.actual).abs().max()) <= 1e-10 * float(r.actual.abs().max())
+
+
+# -- damaged stores --------------------------------------------------------------------------------
+
+def _small_run(tmp_path):
+    x, y = data()
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with _rec(tmp_path, model, opt) as rec:
+        train_steps(rec, model, opt, x, y, 3)
+    return tmp_path / "r.zarr"
+
+
+def test_store_errors_are_one_line(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        eq.open(tmp_path / "nope.zarr")
+    path = _small_run(tmp_path)
+    meta = path / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["explaind_format"] = 99
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match="format 99, newer"):
+        eq.open(path)
+    meta.write_text("{ not json")
+    with pytest.raises(StoreError, match="not a readable zarr store") as exc:
+        eq.open(path)
+    assert "\n" not in str(exc.value)
+    plain = tmp_path / "plain.zarr"
+    zarr.open_group(str(plain), mode="w")
+    with pytest.raises(StoreError, match="not an explaind_ql run"):
+        eq.open(plain)
+
+
+def test_truncated_store(tmp_path):
+    path = _small_run(tmp_path)
+    import shutil
+    shutil.rmtree(path / "lr")
+    with pytest.raises(StoreError, match="truncated"):
+        eq.open(path)
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, time, torch, torch.nn.functional as F
+    import explaind_ql as eq
+    from explaind_ql.models import MLP
+    torch.manual_seed(0)
+    x = torch.randn(12, 4, dtype=torch.float64); y = torch.randint(0, 3, (12,))
+    m = MLP([4, 6, 3]).double()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    rec = eq.Recorder(sys.argv[1], m, opt, train=(x, y), test=(x[:3], y[:3]), checkpoint_every=3,
+                      chunk_steps=2, factory="explaind_ql.models:MLP", factory_kwargs={"sizes": [4, 6, 3]})
+    s = 0
+    while True:
+        idx = torch.arange(4) + (s % 3) * 4
+        loss = F.cross_entropy(m(x[idx]), y[idx]); opt.zero_grad(); loss.backward(); opt.step()
+        rec.step(idx, loss=loss); s += 1
+        print(s, flush=True)
+""")
+
+
+def test_sigkill_leaves_a_queryable_store(tmp_path):
+    script = tmp_path / "rec.py"
+    script.write_text(KILL_SCRIPT)
+    path = tmp_path / "k.zarr"
+    proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if int(line) >= 40:
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    run = eq.open(path)
+    assert not run.closed and 30 <= run.n_steps
+    assert run.ckpt_states[-1] <= run.n_steps
+    n = run.n_steps
+    r = Engine(run).run_request(Request(0, n, TargetSpec("label", "test", (0, 1, 2)), tuple(run.space.names),
+                                        (0, 0, 0, 0), 1))
+    assert float((r.total() - r.actual).abs().max()) <= 1e-10 * float(r.actual.abs().max())
+    assert np.isfinite(run.losses()).all()
