@@ -151,6 +151,17 @@ class Run:
         names = self.attrs.get("constants", [])
         return {n: torch.from_numpy(np.asarray(self.ds[f"const_{i}"].values)) for i, n in enumerate(names)}
 
+    # -- querying (the language lives in explaind_ql.api; imported late to keep `open` light) ----
+    def query(self, text: str, **params) -> "pl.DataFrame":  # noqa: F821
+        """Run a query on this run: ``run.query("influence of layer emb on test[0..9] by step")``."""
+        from .api import query
+        return query(self, text, **params)
+
+    def explain(self, text: str, **params) -> str:
+        """The plan a query would run, with the planner's decisions and estimates."""
+        from .api import explain
+        return explain(self, text, **params)
+
     def build_model(self) -> torch.nn.Module:
         """The model rebuilt from the recorded factory (its own weights are replaced per call)."""
         return build(self.attrs["factory"], self.attrs.get("factory_kwargs") or {})

@@ -28,10 +28,11 @@ from ..run import Run
 from . import quadrature, targets
 from .model_fn import ModelFn
 from .targets import TargetSpec
-from .trajectory import StepRecord, Trajectory
+from .trajectory import StepRecord, TensorCache, Trajectory
 
 STRATEGIES = ("delta", "fold", "momentum")
 JVP_MAX_TANGENTS = 16
+PHI_CACHE_BYTES = 256 << 20
 GROUP_LOOP_MAX = 64
 
 
@@ -191,6 +192,7 @@ class _Context:
         self.step_explained = torch.zeros(n_steps, T, dtype=dt, device=dev)
         self.qstats = quadrature.QuadStats()
         self.stats: dict = {}
+        self.seconds = {"test": 0.0, "trajectory": 0.0}
         self.budget = self._quad_budget()
 
     # -- test side ---------------------------------------------------------------------------
@@ -210,8 +212,32 @@ class _Context:
     def _f(self, theta: torch.Tensor) -> torch.Tensor:
         return self.target_fn(self.eng.fn.forward(theta, self.x_items))
 
+    def walk(self, a: int, b: int):
+        """The trajectory's records, timing how long reading and replaying take."""
+        it = self.eng.traj.walk(a, b)
+        while True:
+            t0 = time.perf_counter()
+            rec = next(it, None)
+            self.seconds["trajectory"] += time.perf_counter() - t0
+            if rec is None:
+                return
+            yield rec
+
     def phi(self, rec: StepRecord) -> torch.Tensor:
-        """(T, P_sel) path-integrated target gradient over the step's segment."""
+        """(T, P_sel) path-integrated target gradient, cached per open run and step."""
+        key = ("phi", rec.s, self.req.target, self.req.params, self.req.nodes, self.req.tolerance,
+               str(self.eng.device), self.eng.dtype)
+        cache = self.eng.run.cache.setdefault("phi", TensorCache(PHI_CACHE_BYTES))
+        if key in cache:
+            self.stats["phi_cache_hits"] = self.stats.get("phi_cache_hits", 0) + 1
+            return cache[key]
+        t0 = time.perf_counter()
+        phi = self._phi(rec)
+        self.seconds["test"] += time.perf_counter() - t0
+        cache[key] = phi
+        return phi
+
+    def _phi(self, rec: StepRecord) -> torch.Tensor:
         theta, delta = rec.theta, rec.delta
         idx, fn = self.idx, self.eng.fn
 
@@ -263,7 +289,7 @@ class _Context:
             slot[tracked] = torch.arange(len(tracked), device=self.eng.device)
             ex_cols = self.col[tracked]
             m_ex = torch.zeros(len(tracked), self.sel.size, dtype=self.eng.dtype, device=self.eng.device)
-        for k, rec in enumerate(self.eng.traj.walk(req.a, req.b)):
+        for k, rec in enumerate(self.walk(req.a, req.b)):
             ls = rec.linear.take(idx)
             th = rec.theta[idx]
             if m_wd is None:
@@ -309,7 +335,7 @@ class _Context:
         for lo in reversed(starts):
             hi = min(lo + seg, req.b)
             records = []
-            for rec in self.eng.traj.walk(lo, hi):
+            for rec in self.walk(lo, hi):
                 if rec.s == req.a:
                     m0 = rec.state_before.momentum.to(self.eng.device, self.eng.dtype)[self.idx]
                 phi = self.phi(rec)
@@ -349,7 +375,8 @@ class _Context:
 
     # -- result ------------------------------------------------------------------------------
     def result(self) -> Result:
-        self.stats.update(evaluations=self.qstats.evaluations, refined_steps=self.qstats.refined_steps,
+        self.stats.update(test_seconds=self.seconds["test"], trajectory_seconds=self.seconds["trajectory"],
+                          evaluations=self.qstats.evaluations, refined_steps=self.qstats.refined_steps,
                           unconverged_steps=list(self.qstats.unconverged))
         return Result(self.grad, self.wd, self.mom, self.labels, self.example_ids.cpu(),
                       self.step_actual.sum(0), self.step_explained.sum(0), self.step_actual,

@@ -23,15 +23,17 @@ from .model_fn import ModelFn
 REPLAY_CACHE_BYTES = 512 << 20
 
 
-class StateCache(OrderedDict):
-    """Replayed states of an open run, least recently used first out, bounded in bytes."""
+class TensorCache(OrderedDict):
+    """What an open run reuses across queries (tensors, or states), least recently used out first."""
 
-    def __init__(self, max_bytes: int = REPLAY_CACHE_BYTES):
+    def __init__(self, max_bytes: int):
         super().__init__()
         self.max_bytes, self.bytes = max_bytes, 0
 
     @staticmethod
     def _size(v) -> int:
+        if isinstance(v, torch.Tensor):
+            return v.numel() * v.element_size()
         theta, state = v
         return theta.numel() * theta.element_size() * (1 + len(state.bufs))
 
@@ -106,7 +108,7 @@ class Trajectory:
         s = int(run.ckpt_states[pos])
         theta, state = self._stored(pos)
         seg_start = theta
-        cache = run.cache.setdefault("replay", StateCache())
+        cache = run.cache.setdefault("replay", TensorCache(REPLAY_CACHE_BYTES))
         while s < b:
             meta = run.step_meta(s)
             nxt = pos + 1

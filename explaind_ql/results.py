@@ -1,0 +1,115 @@
+"""Engine tensors → polars frames, with key columns named after the ``by`` dimensions.
+
+Schema of an ``influence`` / ``kernel`` frame: the ``by`` keys in the order written
+(``test`` and ``example`` are item indices, ``output`` a class index, ``step`` the first
+update step of its bin, ``layer``/``param`` names, ``element`` the flat index inside its
+``param``), then ``label`` (the training example's label) when ``example`` is a key,
+then ``term`` (``gradient``, ``weight_decay``, ``momentum``) and the value ``influence``.
+Summing ``influence`` over the frame gives the exact contribution of the selection;
+the non-data terms carry null ``example``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from .engine.kernels import Result
+from .plan import Plan
+from .run import Run
+
+TERMS = ("gradient", "weight_decay", "momentum")
+
+
+def _group_keys(plan: Plan, run: Run) -> dict[str, list]:
+    """Per engine group: the param / element / layer key values it stands for."""
+    g, space = plan.grouping, run.space
+    if g.by_element:
+        params, elems = [], []
+        for name in plan.request.params:
+            n = space.by_name[name].numel
+            params += [name] * n
+            elems += list(range(n))
+        return {"param": params, "element": elems}
+    if len(g.labels) == len(plan.request.params) and g.labels == tuple(plan.request.params):
+        return {"param": list(g.labels)}
+    if g.labels == ("all",):
+        return {}
+    return {"layer": list(g.labels)}
+
+
+def _long(values: np.ndarray, term: str, axes: tuple[str, ...]) -> pl.DataFrame:
+    idx = np.indices(values.shape).reshape(len(values.shape), -1)
+    cols = {name: idx[i] for i, name in enumerate(axes)}
+    return pl.DataFrame({**cols, "term": [term] * values.size, "influence": values.reshape(-1)})
+
+
+def influence_frame(result: Result, plan: Plan, run: Run) -> pl.DataFrame:
+    b, req = plan.bound, plan.request
+    parts = [_long(result.gradient.detach().cpu().numpy(), "gradient", ("_bin", "_t", "_e", "_g"))]
+    for term, t in (("weight_decay", result.weight_decay), ("momentum", result.momentum)):
+        if term == "momentum" and not bool(t.any()):
+            continue  # a window starting from a fresh optimizer carries no momentum
+        parts.append(_long(t.detach().cpu().numpy(), term, ("_bin", "_t", "_g")).with_columns(_e=pl.lit(None, pl.Int64)))
+    df = pl.concat([p.select("_bin", "_t", "_e", "_g", "term", "influence") for p in parts], how="vertical_relaxed")
+    # key columns
+    every = b.step_every if "step" in b.dims else max(1, b.b - b.a)
+    n_in = max(1, -(-(b.b - b.a) // every))
+    df = df.with_columns(step=pl.when(pl.col("_bin") < n_in).then(b.a + pl.col("_bin") * every).otherwise(None))
+    tests = [t for t, _ in result.target_labels]
+    outs = [o for _, o in result.target_labels]
+    df = df.with_columns(test=pl.col("_t").replace_strict(list(range(len(tests))), tests, return_dtype=pl.Int64),
+                         output=pl.col("_t").replace_strict(list(range(len(outs))), outs, return_dtype=pl.Int64))
+    ex_ids = result.example_ids.numpy().tolist()
+    if ex_ids:
+        df = df.with_columns(example=pl.col("_e").replace_strict(list(range(len(ex_ids))), ex_ids,
+                                                                 return_dtype=pl.Int64, default=None))
+    else:
+        df = df.with_columns(example=pl.lit(None, pl.Int64))
+    for key, vals in _group_keys(plan, run).items():
+        df = df.with_columns(pl.col("_g").replace_strict(list(range(len(vals))), vals).alias(key))
+    if plan.post_filter:
+        df = _filter_then_regroup(df, plan, run)
+    return _finish(df, b, run)
+
+
+def _filter_then_regroup(df: pl.DataFrame, plan: Plan, run: Run) -> pl.DataFrame:
+    """The un-optimised path: drop what the selection excludes, then group to the asked keys."""
+    f, b = plan.post_filter, plan.bound
+    df = df.filter(pl.col("step").is_not_null() & pl.col("param").is_in(list(f["params"])))
+    if f["examples"] is not None:
+        df = df.filter(pl.col("example").is_null() | pl.col("example").is_in(list(f["examples"])))
+    if "layer" in b.dims:
+        df = df.with_columns(layer=pl.col("param").map_elements(run.space.top_layer, return_dtype=pl.String))
+    keys = [k for k in ("step", "test", "output", "example", "layer", "param", "element") if k in b.dims]
+    if "element" in b.dims and "param" not in keys:
+        keys.append("param")
+    if "example" not in b.dims:
+        df = df.with_columns(example=pl.lit(None, pl.Int64))
+    return df.group_by(keys + ["term"], maintain_order=True).agg(pl.col("influence").sum())
+
+
+def _finish(df: pl.DataFrame, b, run: Run) -> pl.DataFrame:
+    keys = list(b.dims)
+    if "element" in keys and "param" not in keys:
+        keys.insert(keys.index("element"), "param")
+    if "layer" in keys and "layer" not in df.columns:
+        df = df.with_columns(layer=pl.col("param").map_elements(run.space.top_layer, return_dtype=pl.String))
+    cols = list(keys)
+    if "example" in keys:
+        y = run.split("train")[1]
+        if not y.is_floating_point() and y.dim() == 1:
+            lab = pl.DataFrame({"example": np.arange(len(y), dtype=np.int64), "label": y.numpy().astype(np.int64)})
+            df = df.join(lab, on="example", how="left", maintain_order="left")
+            cols.insert(cols.index("example") + 1, "label")
+    if "term" not in df.columns:
+        df = df.with_columns(term=pl.lit("gradient"))
+    df = df.select(cols + ["term", "influence"])
+    if keys:
+        df = df.group_by(cols + ["term"], maintain_order=True).agg(pl.col("influence").sum())
+    else:
+        df = df.group_by(["term"], maintain_order=True).agg(pl.col("influence").sum())
+    if b.top:
+        order = pl.col("influence").abs() if b.top_abs else pl.col("influence")
+        df = df.sort(order, descending=True).head(b.top)
+    return df

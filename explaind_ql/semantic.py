@@ -1,0 +1,204 @@
+"""Semantic check: a parsed query against one run, resolved into concrete selections.
+
+Everything that depends on the run is decided here — which params a component names,
+which items a split selection picks, which steps a window covers, which options apply —
+so the planner only ever sees valid, explicit selections. Every error points at the
+clause with a caret and suggests the fix (did-you-mean names, valid ranges).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import SemanticError
+from .lang.ast import AllItems, Components, IndexList, IndexRange, Query, SplitSel
+from .run import Run
+
+DEFAULT_TOLERANCE = 1e-6
+DEFAULT_NODES = 2
+KEY_ORDER = ("test", "output", "example", "step", "layer", "param", "element")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A query resolved against a run: what to compute, with every choice explicit."""
+
+    query: Query
+    measure: str
+    params: tuple[str, ...]                 # selected param tensors, in store order
+    target_kind: str
+    target_split: str
+    test_items: tuple[int, ...]
+    output: int | None
+    examples: tuple[int, ...] | None        # None: every training example
+    a: int
+    b: int
+    dims: tuple[str, ...]
+    step_every: int
+    top: int | None
+    top_abs: bool
+    nodes: int
+    tolerance: float | None
+    device: str
+    dtype: torch.dtype
+    budget: int | None
+    eval_steps: tuple[int, ...] = ()
+    swap_params: tuple[str, ...] = ()
+    swap_step: int | None = None
+    notes: tuple[str, ...] = field(default=())
+
+
+def _err(q: Query, msg: str, pos: int, hint: str | None = None) -> SemanticError:
+    return SemanticError(msg, q.text, pos, hint)
+
+
+def _suggest(word: str, choices) -> str | None:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f"did you mean '{close[0]}'?" if close else None
+
+
+def resolve_components(q: Query, comps: Components | None, run: Run) -> tuple[str, ...]:
+    space = run.space
+    if comps is None:
+        return tuple(space.names)
+
+    def names(ref) -> list[str]:
+        found = space.match(ref.kind, ref.pattern)
+        if not found:
+            pool = space.layers() if ref.kind == "layer" else space.names
+            raise _err(q, f"unknown {ref.kind} '{ref.pattern}'", ref.pos,
+                       _suggest(ref.pattern, pool) or f"{ref.kind}s are: {', '.join(pool[:12])}")
+        return found
+
+    chosen = set(space.names) if not comps.include else {n for r in comps.include for n in names(r)}
+    for ref in comps.exclude:
+        chosen -= set(names(ref))
+    if not chosen:
+        raise _err(q, "the component selection is empty after 'except'", comps.pos)
+    return tuple(n for n in space.names if n in chosen)
+
+
+def resolve_items(q: Query, sel: SplitSel, run: Run) -> tuple[int, ...]:
+    if sel.split not in run.splits:
+        raise _err(q, f"unknown split '{sel.split}'", sel.pos,
+                   _suggest(sel.split, run.splits) or f"recorded splits: {', '.join(run.splits)}")
+    n = run.split_size(sel.split)
+
+    def rng(r: IndexRange, pos: int) -> range:
+        start = 0 if r.start is None else r.start
+        stop = n if r.stop is None else r.stop
+        if start >= n or stop > n:
+            raise _err(q, f"{sel.split}[{start}..{stop - 1}] is out of range: {sel.split} has {n} items "
+                          f"(0..{n - 1})", pos)
+        return range(start, stop)
+
+    idx = sel.index
+    if isinstance(idx, AllItems):
+        items = list(range(n))
+    elif isinstance(idx, IndexRange):
+        items = list(rng(idx, idx.pos or sel.pos))
+    else:
+        assert isinstance(idx, IndexList)
+        items = []
+        for it in idx.items:
+            if isinstance(it, IndexRange):
+                items += list(rng(it, it.pos or idx.pos))
+            elif it >= n:
+                raise _err(q, f"{sel.split}[{it}] is out of range: {sel.split} has {n} items (0..{n - 1})",
+                           idx.pos or sel.pos)
+            else:
+                items.append(it)
+    if sel.where_label is not None:
+        y = run.split(sel.split)[1]
+        if y.is_floating_point() or y.dim() != 1:
+            raise _err(q, f"'where label' needs class labels, but {sel.split} has real-valued targets", sel.pos)
+        keep = set(sel.where_label)
+        items = [i for i in items if int(y[i]) in keep]
+        if not items:
+            raise _err(q, f"no item of {sel.split} has label {' or '.join(map(str, sel.where_label))} "
+                          "in the selection", sel.pos)
+    return tuple(items)
+
+
+def _is_classifier(run: Run, split: str) -> bool:
+    y = run.split(split)[1]
+    return not y.is_floating_point() and y.dim() == 1
+
+
+def bind(q: Query, run: Run) -> Bound:
+    """Resolve ``q`` against ``run``, raising SemanticError with a caret on the first problem."""
+    params = resolve_components(q, q.components, run)
+    # target
+    if q.target is not None:
+        tsel, kind, output = q.target.items, q.target.kind, q.target.output
+        tpos = q.target.pos
+    else:
+        default = "test" if "test" in run.splits else run.splits[-1]
+        tsel, kind, output, tpos = SplitSel(default, AllItems()), "label", None, q.pos
+    items = resolve_items(q, tsel, run)
+    if kind in ("label", "logprob", "prob", "margin") and not _is_classifier(run, tsel.split):
+        if q.target is not None and kind != "label":
+            raise _err(q, f"'{kind}' needs class labels, but {tsel.split} has real-valued targets", tpos)
+        kind = "outputs"  # regression: the default target is every output
+    # training examples
+    examples = None
+    if q.train is not None:
+        if q.train.split != "train":
+            raise _err(q, f"training examples come from the train split, not '{q.train.split}'", q.train.pos,
+                       "write 'from train[...]'")
+        examples = resolve_items(q, q.train, run)
+    # steps
+    n = run.n_steps
+    a, b, every_eval = 0, n, None
+    if q.steps is not None:
+        st = q.steps
+        a = 0 if st.start is None else st.start
+        b = n if st.stop is None else st.stop
+        if a >= n or b > n or a >= b:
+            last = f"the run has {n} steps (0..{n - 1})" if n else "the run has no complete step"
+            raise _err(q, f"steps {a}:{b} are out of range: {last}", st.pos)
+        every_eval = st.every
+    dims = tuple(q.by.dims) if q.by is not None else ()
+    step_every = (q.by.step_every or 1) if q.by is not None else 1
+    if q.measure == "kernel":
+        dims = tuple(dict.fromkeys(("test", "example") + dims))
+    if "output" in dims and kind not in ("outputs",):
+        raise _err(q, "'by output' needs a target with several outputs", q.by.pos,
+                   "write 'on output(test[...])'")
+    if q.measure in ("check", "similarity", "evaluate") and q.by is not None:
+        raise _err(q, f"'{q.measure}' has a fixed shape and takes no 'by' clause", q.by.pos)
+    if q.measure == "similarity" and len(items) < 2:
+        raise _err(q, "similarity compares test items with each other: select at least two", tpos)
+    opts = q.options.as_dict() if q.options is not None else {}
+    if "cluster" in opts:
+        raise _err(q, "'using cluster' is not available in this version", q.options.pos,
+                   "remove it to run locally")
+    device = str(opts.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise _err(q, f"device {device} is not available on this machine", q.options.pos, "use 'device cpu'")
+    fixed = "quadrature" in opts
+    if fixed and "tolerance" in opts:
+        raise _err(q, "'quadrature N' fixes the nodes while 'tolerance' asks for adaptive refinement",
+                   q.options.pos, "give one of them")
+    nodes = int(opts.get("quadrature", DEFAULT_NODES))
+    if nodes < 1 or nodes > 64:
+        raise _err(q, f"quadrature {nodes} is out of range (1..64)", q.options.pos)
+    swap_params, swap_step, eval_steps = (), None, ()
+    if q.measure == "evaluate":
+        step_list = range(a, b + (1 if q.steps is None or q.steps.stop is None else 0), every_eval or 1)
+        eval_steps = tuple(s for s in step_list if s <= n)
+        if q.swap is not None:
+            swap_params = resolve_components(q, q.swap.components, run)
+            if not 0 <= q.swap.from_step <= n:
+                raise _err(q, f"step {q.swap.from_step} is out of range: states are 0..{n}", q.swap.pos)
+            swap_step = q.swap.from_step
+    return Bound(
+        query=q, measure=q.measure, params=params, target_kind=kind, target_split=tsel.split,
+        test_items=items, output=output, examples=examples, a=a, b=b, dims=dims, step_every=step_every,
+        top=q.top.k if q.top else None, top_abs=bool(q.top and q.top.by_abs), nodes=nodes,
+        tolerance=None if fixed else float(opts.get("tolerance", DEFAULT_TOLERANCE)), device=device,
+        dtype=getattr(torch, str(opts.get("dtype", "float64"))), budget=opts.get("budget"),
+        eval_steps=eval_steps, swap_params=swap_params, swap_step=swap_step)
