@@ -1,0 +1,228 @@
+"""Language → semantic check → planner → engine → polars, on a recorded tiny run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import polars as pl
+import pytest
+import torch
+
+import explaind_ql as eq
+from explaind_ql.errors import ExplaindError, QueryError, SemanticError
+from explaind_ql.execute import engine_for, run_query
+from explaind_ql.lang import parse
+from explaind_ql.plan import aggregate_tests, choose_strategy, chunk_under_budget, logical, pushdown_restrictions
+from explaind_ql.semantic import bind
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def run(toy_run):
+    return eq.open(toy_run("transformer", "adamw", steps=STEPS))
+
+
+@pytest.fixture(scope="module")
+def sgd_run(toy_run):
+    return eq.open(toy_run("mlp", "sgd", steps=STEPS))
+
+
+def total(df: pl.DataFrame) -> float:
+    return float(df["influence"].sum())
+
+
+def actual_change(run, on: str) -> float:
+    chk = run.query(f"check on {on}")
+    return float(chk["actual"].sum())
+
+
+def test_verbatim_example(run):
+    """The brief's example parses verbatim; against this 12-step run the check names the valid range."""
+    q = "influence of layer emb on test[0..9] over steps 1000:5000 by example"
+    with pytest.raises(SemanticError, match="out of range: test has 5 items"):
+        run.query(q)
+    with pytest.raises(SemanticError, match="steps 1000:5000 are out of range: the run has 12 steps"):
+        run.query(q.replace("test[0..9]", "test[0..4]"))
+    df = run.query(q.replace("test[0..9]", "test[0..4]").replace("1000:5000", "2:10"))
+    assert df.columns == ["example", "label", "term", "influence"]
+    assert set(df["term"]) == {"gradient", "weight_decay", "momentum"}
+    assert df.filter(pl.col("term") == "gradient")["example"].to_list() == list(range(run.split_size("train")))
+
+
+def test_frame_sum_is_the_exact_change(run):
+    on = "test[0..3]"
+    change = actual_change(run, on)
+    for by in ("", "by layer", "by param", "by step", "by layer, step every 5", "by example", "by test",
+               "by element"):
+        df = run.query(f"influence on {on} {by}")
+        assert total(df) == pytest.approx(change, rel=1e-9, abs=1e-12), by
+        assert "influence" in df.columns and "term" in df.columns
+        for key in by.replace("by", "").replace("every 5", "").replace(",", " ").split():
+            assert key in df.columns
+
+
+def test_additivity_in_frames(run):
+    """Invariant 4: by layer totals are sums of by param rows; binned steps sum per-step rows."""
+    by_param = run.query("influence on test[*] by param")
+    by_layer = run.query("influence on test[*] by layer")
+    regrouped = (by_param.with_columns(layer=pl.col("param").str.replace(r"\.[^.]+$", ""))
+                 .group_by("layer", "term").agg(pl.col("influence").sum()))
+    joined = by_layer.join(regrouped, on=["layer", "term"])
+    assert joined.height == by_layer.height
+    assert (joined["influence"] - joined["influence_right"]).abs().max() < 1e-12
+    per_step = run.query("influence on test[*] by step")
+    binned = run.query("influence on test[*] by step every 4")
+    rebinned = per_step.with_columns(step=(pl.col("step") // 4) * 4).group_by("step", "term").agg(pl.col("influence").sum())
+    j = binned.join(rebinned, on=["step", "term"])
+    assert j.height == binned.height and (j["influence"] - j["influence_right"]).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("query", [
+    "influence of layer attn on test[0..2] using quadrature 3",
+    "influence of layer emb, param unembed.weight on test[1, 3] by layer using quadrature 3",
+    "influence of all except layer attn on test[*] over steps 3:9 by layer using quadrature 3",
+    "influence of layer linear1 on test[0..2] from train[0..4] by example using quadrature 3",
+    "influence of layer emb on test[*] over steps 2:8 by example, step using quadrature 3",
+    "influence on test[0..1] from train where label = 2 by step using quadrature 3",
+])
+def test_restriction_commutes(run, query):
+    """Invariant 5: the optimised plan equals the full computation filtered afterwards."""
+    fast = run_query(run, query)
+    full = run_query(run, query, pushdown=False)
+    keys = [c for c in fast.columns if c not in ("influence", "label")]
+    fast_t = fast.filter(pl.col("term") != "momentum")
+    j = full.join(fast_t, on=keys, how="full", nulls_equal=True, suffix="_fast")
+    grad = j.filter(pl.col("term").fill_null(pl.col("term_fast")) == "weight_decay")
+    assert (grad["influence"] - grad["influence_fast"]).abs().max() < 1e-10
+    # totals agree exactly; the pushed-down plan reports momentum carried into the window apart
+    assert total(fast) == pytest.approx(total(full), rel=1e-9, abs=1e-12)
+    if "over steps" not in query:
+        assert (j["influence"] - j["influence_fast"]).abs().max() < 1e-10
+
+
+def test_passes_change_the_plan_as_documented(run):
+    eng = engine_for(run, "cpu", torch.float64)
+    b = bind(parse("influence of layer emb on test[0..3] over steps 2:10 by example"), run)
+    p0 = logical(b, run)
+    assert p0.request.params == tuple(run.space.names) and (p0.request.a, p0.request.b) == (0, STEPS)
+    assert p0.post_filter and p0.request.target.keep_test
+    p1 = pushdown_restrictions(p0, run)
+    assert p1.request.params == ("emb.weight",) and (p1.request.a, p1.request.b) == (2, 10)
+    assert not p1.post_filter and p1.request.keep_examples
+    p2 = aggregate_tests(p1, run)
+    assert not p2.request.target.keep_test
+    p3 = choose_strategy(p2, run, eng)
+    assert p3.request.strategy == "fold" and set(p3.costs) == {"fold", "momentum"}
+    p4 = chunk_under_budget(p3, run, eng, 1 << 30)
+    assert p4.chunks[0] == "leaf"
+    p5 = chunk_under_budget(p3, run, eng, int(p4.chunks[2] * 0.7))
+    assert p5.chunks[0] == "split"
+    assert [d[0] for d in p4.decisions] == ["restriction pushdown", "test aggregation", "strategy choice", "chunking"]
+    # model x training queries never take per-example gradients
+    pm = choose_strategy(aggregate_tests(pushdown_restrictions(logical(bind(parse("influence on test[*] by layer"), run), run), run), run), run, eng)
+    assert pm.request.strategy == "delta"
+    ps = choose_strategy(pushdown_restrictions(logical(bind(parse("influence on test[*] from train[0..3] by step"), run), run), run), run, eng)
+    assert ps.request.strategy == "momentum"
+    kept = aggregate_tests(pushdown_restrictions(logical(bind(parse("influence on test[*] by test"), run), run), run), run)
+    assert kept.request.target.keep_test
+
+
+def test_explain_and_analyze(run):
+    text = run.explain("influence of layer emb on test[0..3] over steps 2:10 by example")
+    for needle in ("strategy=fold", "restriction pushdown", "test aggregation", "chunking", "FLOP", "KiB"):
+        assert needle in text
+    analyzed = run.query("explain analyze influence on test[*] by layer")["plan"].to_list()
+    assert any("gradient evaluations" in line for line in analyzed)
+    assert any(line.startswith("analyzed:") and " s total" in line for line in analyzed)
+
+
+def test_every_measure(run, sgd_run):
+    k = run.query("kernel on test[0..1] from train[0..3]")
+    assert {"test", "example", "label", "term", "influence"} <= set(k.columns)
+    assert k.filter(pl.col("term") == "gradient").height == 2 * 4
+    chk = sgd_run.query("check on test[*]")
+    assert chk.columns[:4] == ["test", "actual", "explained", "residual"]
+    assert chk["relative_residual"].max() < 1e-9 and chk["max_update_error"].max() < 1e-9
+    sim = run.query("similarity of layer emb, layer linear1 on test[0..2]")
+    assert set(sim["layer"]) == {"emb", "linear1"} and sim.height == 2 * 9
+    diag = sim.filter(pl.col("test") == pl.col("test_2"))
+    assert (diag["cosine"] - 1).abs().max() < 1e-12
+    ev = run.query("evaluate on test[*] at steps 0:12 every 4")
+    assert ev["step"].to_list() == [0, 4, 8]
+    assert ev.columns == ["step", "accuracy", "loss", "kl_to_final"]
+    swapped = run.query(f"evaluate on test[*] at steps 0:12 every 4 with all from step {STEPS}")
+    assert swapped["kl_to_final"].abs().max() < 1e-12  # every layer from the final step = the final model
+    out = run.query("influence on output(test[0]) by output")
+    assert out.filter(pl.col("term") == "gradient").height == 7
+    top = run.query("influence on test[*] by example top 3 abs")
+    assert top.height == 3 and top["influence"].abs().is_sorted(descending=True)
+
+
+def test_params_and_options(run):
+    a = run.query("influence of layer $layer on test[$i] by step", layer="emb", i=1)
+    b = run.query("influence of layer emb on test[1] by step")
+    assert a.equals(b)
+    f32 = run.query("influence on test[0] using dtype float32, tolerance 1e-4")
+    f64 = run.query("influence on test[0]")
+    assert total(f32) == pytest.approx(total(f64), rel=1e-4)
+    with pytest.raises(QueryError, match="missing parameter"):
+        run.query("influence on test[$i]")
+
+
+@pytest.mark.parametrize("query,needle,col", [
+    ("influence of layer embb on test[0]", "unknown layer 'embb'; did you mean 'emb'?", 14),
+    ("influence on tset[0]", "unknown split 'tset'; did you mean 'test'?", 14),
+    ("influence on test[0..20000]", "out of range: test has 5 items (0..4)", 19),
+    ("influence on test[0] over steps 5:400", "steps 5:400 are out of range: the run has 12 steps", 22),
+    ("influence on test[0] from test[0..2]", "training examples come from the train split", 27),
+    ("check on test[0] by layer", "'check' has a fixed shape", 18),
+    ("influence on test[0] by output", "'by output' needs a target with several outputs", 22),
+    ("influence on test[0] using quadrature 3, tolerance 1e-3", "fixes the nodes", 22),
+    ("influence on test where label = 99", "no item of test has label 99", 14),
+])
+def test_semantic_errors_point_at_the_clause(run, query, needle, col):
+    with pytest.raises(SemanticError) as exc:
+        run.query(query)
+    err = exc.value
+    assert needle in str(err)
+    assert err.exit_code == 3
+    assert err.line_col[1] == col, err.render()
+    caret_line = str(err).split("\n")[-1]
+    assert caret_line.index("^") - 2 == col - 1
+
+
+def test_budget_refusal_is_a_clean_error(run):
+    with pytest.raises(ExplaindError, match="narrow the selection"):
+        run.query("influence on test[*] by example, test using budget 1KB")
+
+
+def test_repeated_queries_reuse_cached_features(run):
+    q = "influence of layer unembed on test[0..2] by step using quadrature 4"
+    run.query(q)
+    run.query("explain analyze " + q)
+    assert run.cache["last_stats"].get("phi_cache_hits", 0) == STEPS
+
+
+def test_compare_two_runs(toy_run):
+    a = toy_run("mlp", "adamw", steps=6)
+    b = toy_run("mlp", "sgd", steps=6)
+    df = eq.compare({"adamw": a, "sgd": b}, "influence on test[*] by layer")
+    assert df.columns[0] == "run" and set(df["run"]) == {"adamw", "sgd"}
+    one = eq.query(a, "influence on test[*] by layer")
+    assert df.filter(pl.col("run") == "adamw").drop("run").equals(one)
+
+
+def test_query_on_checkpointed_run_matches_dense(toy_run):
+    dense = eq.open(toy_run("mlp", "adam", steps=STEPS))
+    ckpt = eq.open(toy_run("mlp", "adam", steps=STEPS, checkpoint_every=5))
+    q = "influence on test[*] over steps 3:11 by example, step"
+    d, c = dense.query(q), ckpt.query(q)
+    assert d.drop("influence").equals(c.drop("influence"))
+    assert (d["influence"] - c["influence"]).abs().max() < 1e-10
+
+
+def test_plan_dataclasses_are_frozen(run):
+    b = bind(parse("influence on test[0]"), run)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        b.a = 3  # type: ignore[misc]
