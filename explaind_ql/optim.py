@@ -148,7 +148,7 @@ class LinearStep:
 
     def take(self, idx: torch.Tensor) -> LinearStep:
         """Restrict to selected elements (restriction pushdown to the params)."""
-        return LinearStep(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+        return LinearStep(*(v if v.dim() == 0 else v[idx] for v in (getattr(self, f) for f in self.__dataclass_fields__)))
 
     def drive(self, theta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """g'_s: what enters the momentum (gradient plus coupled decay)."""
@@ -167,8 +167,9 @@ class LinearStep:
 
 
 def _per_elem(values, group_index: torch.Tensor) -> torch.Tensor:
+    """Per-group values broadcast to elements (a 0-d tensor when all groups agree: cheaper)."""
     t = torch.as_tensor(values, dtype=torch.float64, device=group_index.device)
-    return t[group_index]
+    return t[0] if bool((t == t[0]).all()) else t[group_index]
 
 
 def linear_step(spec: OptimizerSpec, group_index: torch.Tensor, lr, wd, state_before: OptState,

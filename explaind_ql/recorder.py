@@ -39,6 +39,15 @@ def default_checkpoint_every(n_elem: int, itemsize: int, n_buffers: int) -> int 
     return None if n_elem * itemsize * (1 + n_buffers) <= DENSE_AUTO_BYTES else AUTO_CHECKPOINT_EVERY
 
 
+def _jsonable(v):
+    """Hyperparameters as JSON: tuples become lists, tensors numbers, anything else its text."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return v.item()
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v if isinstance(v, (int, float, bool, str, type(None))) else str(v)
+
+
 def _refuse_modules(model: torch.nn.Module) -> None:
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training:
@@ -79,7 +88,7 @@ class Recorder:
 
         self._params, entries = self._trainable(model, optimizer)
         self.space = ParamSpace.build(entries)
-        self.gidx = self.space.group_index
+        self.gidx = self.space.group_index.to(self._params[0].device)
         first = self._params[0]
         self.dtype = first.dtype
         if any(p.dtype != self.dtype for p in self._params):
@@ -107,8 +116,9 @@ class Recorder:
         attrs = {
             FORMAT_KEY: FORMAT_VERSION,
             "optimizer": self.spec.to_json(),
-            "hyperparameters": [{k: (v if isinstance(v, (int, float, bool, str, type(None))) else str(v))
-                                 for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+            "hyperparameters": [{k: _jsonable(v) for k, v in g.items() if k != "params"}
+                                for g in optimizer.param_groups],
+            "optimizer_class": type(optimizer).__name__,
             "loss": {"name": self.loss.name, "reduction": self.loss.reduction},
             "factory": factory, "factory_kwargs": factory_kwargs,
             "torch_version": torch.__version__, "dtype": str(self.dtype).removeprefix("torch."),
@@ -168,7 +178,7 @@ class Recorder:
             for p in self._params:
                 t = self._param_state(p).get(b)
                 has_buf = has_buf or t is not None
-                parts.append(torch.zeros(p.numel(), dtype=p.dtype) if t is None else t.detach().reshape(-1))
+                parts.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if t is None else t.detach().reshape(-1))
             bufs[b] = torch.cat(parts).clone()
         step = int(self._param_state(self._params[0]).get("step", 0)) if self.spec.adam else 0
         return OptState(bufs, step, has_buf)
@@ -180,7 +190,8 @@ class Recorder:
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """``torch.nn.utils.clip_grad_norm_`` over the trained params, recording the scale exactly."""
         total = torch.nn.utils.clip_grad_norm_(self._params, max_norm, norm_type=norm_type)
-        self._clip = min(1.0, float(max_norm) / (float(total) + 1e-6))
+        # the very factor torch multiplied the gradients by (its own dtype and rounding)
+        self._clip = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
         return total
 
     def step(self, batch_indices, loss: float | torch.Tensor | None = None, clip: float | None = None) -> None:

@@ -341,3 +341,15 @@ def test_sigkill_leaves_a_queryable_store(tmp_path):
                                         (0, 0, 0, 0), 1))
     assert float((r.total() - r.actual).abs().max()) <= 1e-10 * float(r.actual.abs().max())
     assert np.isfinite(run.losses()).all()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
+def test_float32_replay_is_bit_exact(toy_run, optimizer):
+    """Replay re-takes the steps with training's own arithmetic: zero drift at every checkpoint."""
+    from explaind_ql.engine.trajectory import Trajectory
+    run = eq.open(toy_run("transformer", optimizer, dtype=torch.float32, steps=23, checkpoint_every=5))
+    traj = Trajectory(run, torch.device("cpu"), torch.float32)
+    assert len(list(traj.walk(0, 23))) == 23 and traj.replayed_steps > 0
+    drift = run.cache["drift"]
+    assert set(drift) == {5, 10, 15, 20, 23}
+    assert all(d.abs_error == 0.0 for d in drift.values())

@@ -38,12 +38,6 @@ class ModelFn:
         with torch.no_grad():
             return self._call(theta_full, None, None, x)
 
-    def batch_grad(self, theta_full: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight: float) -> torch.Tensor:
-        """Gradient of the weighted batch loss over all params (what training's backward produced)."""
-        def total(th):
-            return (self._loss_fn(self._call(th, None, None, x), y) * weight).sum()
-        return grad(total)(theta_full)
-
     def per_example_grads(self, sel: ParamSpace, theta_sel: torch.Tensor, theta_full: torch.Tensor,
                           x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(B, P_sel) loss gradients, one row per example, for the selected params only."""

@@ -11,16 +11,25 @@ import torch
 
 from .kernels import Engine
 
+CHUNK_BYTES = 64 << 20  # per-example gradients held at once
+
+
+def rec_itemsize(engine: Engine) -> int:
+    return torch.empty((), dtype=engine.dtype).element_size()
+
 
 def update_errors(engine: Engine, a: int, b: int) -> torch.Tensor:
     """Max |Δθ_rebuilt − Δθ_recorded| / max |Δθ_recorded| for each step in a..b-1."""
     fn, run = engine.fn, engine.run
     space = run.space
     x, y = engine.split("train")
+    chunk = max(1, CHUNK_BYTES // (space.size * rec_itemsize(engine) * 4))
     errs = []
     for rec in engine.traj.walk(a, b):
         batch = rec.meta.batch.to(engine.device)
-        g = fn.per_example_grads(space, rec.theta, rec.theta, x[batch], y[batch]).sum(0)
+        g = torch.zeros_like(rec.theta)
+        for part in batch.split(chunk):  # per-example gradients, summed a chunk at a time
+            g += fn.per_example_grads(space, rec.theta, rec.theta, x[part], y[part]).sum(0)
         g = g * (rec.meta.clip * rec.meta.weight)
         ls = rec.linear
         drive = ls.drive(rec.theta, g)

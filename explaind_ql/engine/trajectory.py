@@ -1,10 +1,9 @@
 """Walking a recorded trajectory step by step, replaying what a checkpointed store skipped.
 
 Each :class:`StepRecord` holds θ_s, θ_{s+1}, the optimizer state before the step and the
-step's linear form. States between checkpoints are recreated with the same optimizer
-model the recorder verified (:func:`explaind_ql.optim.advance`) from batch gradients, in
-the recorded dtype; at the next stored checkpoint the replay is compared with the stored
-state (the *drift*), and the walk continues from the stored state so drift never builds up.
+step's linear form. States between checkpoints are recreated by :mod:`.replay` with the
+arithmetic training used; at the next stored checkpoint the replay is compared with the
+stored state (the *drift*), and the walk continues from the stored state.
 Replayed segments are cached per open run.
 """
 
@@ -16,9 +15,9 @@ from typing import Iterator
 
 import torch
 
-from ..optim import LinearStep, OptState, advance, linear_step
+from ..optim import LinearStep, OptState, linear_step
 from ..run import Run, StepMeta
-from .model_fn import ModelFn
+from .replay import TorchReplay
 
 REPLAY_CACHE_BYTES = 512 << 20
 
@@ -78,7 +77,7 @@ class Trajectory:
     def __init__(self, run: Run, device: torch.device, dtype: torch.dtype):
         self.run, self.device, self.dtype = run, device, dtype
         self.gidx = run.space.group_index.to(device)
-        self._replay_fn: ModelFn | None = None
+        self._replayer: TorchReplay | None = None
         self.drift: dict[int, Drift] = run.cache.setdefault("drift", {})
         self.replayed_steps = 0
 
@@ -87,19 +86,10 @@ class Trajectory:
         return theta.to(self.device, self.run.dtype), state.to(self.run.dtype, self.device)
 
     def _replay(self, s: int, theta: torch.Tensor, state: OptState, meta: StepMeta):
-        if self._replay_fn is None:
-            self._replay_fn = ModelFn(self.run.build_model(), self.run.space, self.run.constants,
-                                      self.run.loss, self.device, self.run.dtype)
-        x, y = self.run.split("train")
-        b = meta.batch
-        g = self._replay_fn.batch_grad(theta, x[b].to(self.device, self._xdtype(x)), y[b].to(self.device),
-                                       meta.weight) * meta.clip
+        if self._replayer is None:
+            self._replayer = TorchReplay(self.run, self.device)
         self.replayed_steps += 1
-        _, new, delta = advance(self.run.spec, self.gidx, meta.lr, meta.weight_decay, theta, g, state)
-        return theta + delta, new
-
-    def _xdtype(self, x: torch.Tensor) -> torch.dtype:
-        return self.run.dtype if x.is_floating_point() else x.dtype
+        return self._replayer.step(theta, state, meta)
 
     def walk(self, a: int, b: int) -> Iterator[StepRecord]:
         """Records for update steps a..b-1, in order."""
