@@ -4,15 +4,36 @@ Record a run with :class:`Recorder`, open it with :func:`open`, ask it questions
 ``run.query(text)``; :func:`query` and :func:`compare` do the same from paths.
 """
 
-from .api import compare, explain, query
 from .errors import ExplaindError
-from .recorder import Recorder
-from .run import Run
+
+# The public names below pull in torch; they are imported on first use so that
+# `import explaind_ql` (and `explaind-ql --help`) stays fast.
+_LAZY = {"Recorder": ".recorder", "Run": ".run", "compare": ".api", "explain": ".api", "query": ".api"}
 
 
-def open(path) -> Run:  # noqa: A001 - the public name is part of the contract
+def __getattr__(name: str):
+    if name in _LAZY:
+        from importlib import import_module
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+def open(path):  # noqa: A001 - the public name is part of the contract
     """Open a recorded run for querying (one-line StoreError if it cannot be read)."""
+    from .run import Run
     return Run(path)
+
+
+def load_ipython_extension(ipython) -> None:
+    """`%load_ext explaind_ql`: registers the `%eql` / `%%eql` magics."""
+    from .ipython import load_ipython_extension as load
+    load(ipython)
 
 
 __all__ = ["ExplaindError", "Recorder", "Run", "compare", "explain", "open", "query"]

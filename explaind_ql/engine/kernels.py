@@ -61,6 +61,7 @@ class Request:
     tolerance: float | None = 1e-6
     strategy: str | None = None
     segment_steps: int | None = None
+    rule: str = "gauss"  # fixed-node rule when tolerance is None: "gauss" or "midpoint"
 
     @property
     def data(self) -> bool:
@@ -225,7 +226,7 @@ class _Context:
 
     def phi(self, rec: StepRecord) -> torch.Tensor:
         """(T, P_sel) path-integrated target gradient, cached per open run and step."""
-        key = ("phi", rec.s, self.req.target, self.req.params, self.req.nodes, self.req.tolerance,
+        key = ("phi", rec.s, self.req.target, self.req.params, self.req.nodes, self.req.tolerance, self.req.rule,
                str(self.eng.device), self.eng.dtype)
         cache = self.eng.run.cache.setdefault("phi", TensorCache(PHI_CACHE_BYTES))
         if key in cache:
@@ -247,7 +248,7 @@ class _Context:
 
         f_at = (lambda t: self._f(theta + t * delta)) if self.all_params else None
         return quadrature.integrate(jac_at, delta[idx], self.req.nodes, self.budget, rec.s, self.qstats,
-                                    self.eng.dtype, self.eng.device, f_at)
+                                    self.eng.dtype, self.eng.device, f_at, self.req.rule)
 
     def check_step(self, k: int, rec: StepRecord, phi: torch.Tensor) -> None:
         self.step_actual[k] = self._f(rec.theta_next) - self._f(rec.theta)

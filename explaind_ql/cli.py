@@ -1,0 +1,465 @@
+"""The `explaind-ql` command line: one-shot queries, .eql scripts, the REPL, run summaries.
+
+Only click and the standard library are imported at module level; everything that pulls
+in torch or polars is imported inside the commands, so `explaind-ql --help` stays fast.
+Errors are printed as the language's one-line (caret) messages, never as tracebacks,
+and map to exit codes: 2 usage or syntax, 3 semantic, 4 runtime (store, budget, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import click
+
+FORMATS = ("table", "csv", "json", "ndjson", "parquet")
+EXTENSIONS = {".txt": "table", ".csv": "csv", ".json": "json", ".ndjson": "ndjson", ".jsonl": "ndjson",
+              ".parquet": "parquet"}
+SUFFIX = {"table": ".txt", "csv": ".csv", "json": ".json", "ndjson": ".ndjson", "parquet": ".parquet"}
+_INT = re.compile(r"[-+]?[0-9]+")
+_FLOAT = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
+_TRAILING_SEMICOLON = re.compile(r";(\s|--[^\n]*)*\Z")
+
+
+# ------------------------------------------------------------------------------ values
+
+def typed_value(text: str) -> int | float | str:
+    """A `--param` value: int if int-like, float if float-like, else the string."""
+    if _INT.fullmatch(text):
+        return int(text)
+    if _FLOAT.fullmatch(text):
+        return float(text)
+    return text
+
+
+def _params(ctx, param, values: Iterable[str]) -> dict[str, int | float | str]:
+    out = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", ctx, param)
+        out[name.strip().lstrip("$")] = typed_value(value.strip())
+    return out
+
+
+def with_options(text: str, params: dict[str, Any], device: str | None = None, dtype: str | None = None) -> str:
+    """`text` with `--device`/`--dtype` merged into its `using` clause (added if missing).
+
+    A value the query already sets differently is a usage error rather than a silent
+    override: the query text is what gets shared and re-run, so it must stay truthful.
+    """
+    wanted = {name: value.lower() for name, value in (("device", device), ("dtype", dtype)) if value}
+    if not wanted:
+        return text
+    from .lang import parse
+    query = parse(text, params)
+    if query.options is not None:
+        for name, value in list(wanted.items()):
+            given = query.options.get(name)
+            if given is not None and str(given) != value:
+                raise click.UsageError(f"--{name} {value} conflicts with 'using {name} {given}' in the query")
+            if given is not None:
+                del wanted[name]
+    if not wanted:
+        return text
+    added = ", ".join(f"{name} {value}" for name, value in wanted.items())
+    if query.options is not None:  # options may come in any order: put ours first
+        at = query.options.pos + len("using")
+        return f"{text[:at]} {added},{text[at:]}"
+    return f"{_TRAILING_SEMICOLON.sub('', text)}\nusing {added}"  # a new line: the text may end in a comment
+
+
+# ------------------------------------------------------------------------------ frames out
+
+def format_from_path(path: str | os.PathLike, default: str | None = None) -> str:
+    """The output format a file name asks for (its extension), else `default`."""
+    fmt = EXTENSIONS.get(Path(path).suffix.lower(), default)
+    if fmt is None:
+        raise click.UsageError(f"cannot tell the format of {str(path)!r} from its extension; "
+                               f"use one of {', '.join(EXTENSIONS)}")
+    return fmt
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def render_table(frame) -> str:
+    """Every row as an aligned plain-text table (numbers right-aligned); plan frames as lines."""
+    if frame.columns == ["plan"]:
+        return "\n".join(frame["plan"].to_list())
+    columns = []
+    for series in frame.iter_columns():
+        cells = [_cell(v) for v in series.to_list()]
+        width = max([len(series.name), *map(len, cells)])
+        columns.append((series.name, cells, width, series.dtype.is_numeric()))
+
+    def line(texts: list[str]) -> str:
+        return "  ".join(t.rjust(w) if num else t.ljust(w)
+                         for t, (_, _, w, num) in zip(texts, columns)).rstrip()
+
+    lines = [line([name for name, *_ in columns]), "  ".join("-" * w for _, _, w, _ in columns)]
+    lines += [line([cells[i] for _, cells, _, _ in columns]) for i in range(frame.height)]
+    if frame.height == 0:
+        lines.append("(no rows)")
+    return "\n".join(lines)
+
+
+def frame_text(frame, fmt: str) -> str:
+    """A frame as text in a textual format (parquet is binary: use `write_frame`)."""
+    if fmt == "table":
+        return render_table(frame)
+    if fmt == "csv":
+        return frame.write_csv()
+    if fmt == "json":
+        return frame.write_json()
+    if fmt == "ndjson":
+        return frame.write_ndjson()
+    raise click.UsageError(f"format {fmt} cannot be printed; write it to a file with --out")
+
+
+def write_frame(frame, path: str | os.PathLike, fmt: str) -> None:
+    path = Path(path)
+    if path.parent != Path("."):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "parquet":
+        frame.write_parquet(path)
+    else:
+        text = frame_text(frame, fmt)
+        path.write_text(text if text.endswith("\n") or not text else text + "\n", encoding="utf-8")
+
+
+def _echo_frame(frame, fmt: str) -> None:
+    text = frame_text(frame, fmt).rstrip("\n")
+    if text:
+        click.echo(text)
+
+
+# ------------------------------------------------------------------------------ info
+
+def info_renderable(info: dict):
+    """`run.info()` as rich renderables: summary, layer tree, splits, optimizer groups."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.tree import Tree
+
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column()
+    for key, value in (
+        ("run", info["path"]),
+        ("steps", f"{info['steps']}" + ("" if info["complete"] else " (recording incomplete)")),
+        ("storage", f"{info['mode']}, {_bytes(info['bytes_on_disk'])} on disk"),
+        ("parameters", f"{info['params']:,} in {info['param_tensors']} tensors ({info['dtype']})"),
+        ("loss", f"{info['loss'].get('name')} ({info['loss'].get('reduction')})"),
+        ("model", info["factory"]),
+        ("torch", info["torch_version"]),
+    ):
+        summary.add_row(key, str(value))
+
+    tree = Tree("[bold]layers[/bold] (trained elements)")
+    nodes: dict[str, Any] = {}
+    for layer, count in info["layers"].items():
+        parents = [p for p in nodes if layer.startswith(p + ".")]
+        parent = nodes[max(parents, key=len)] if parents else tree
+        nodes[layer] = parent.add(f"{layer}  [dim]{count:,}[/dim]")
+
+    splits = Table(title="splits", title_justify="left", show_edge=False)
+    splits.add_column("split")
+    splits.add_column("items", justify="right")
+    for name, size in info["splits"].items():
+        splits.add_row(name, f"{size:,}")
+
+    groups = info["optimizer"]["groups"]
+    keys = [k for k in ("lr", "weight_decay", "betas", "momentum", "nesterov", "eps")
+            if any(g.get(k) not in (None, 0, False) for g in groups)]
+    optimizer = Table(title=f"optimizer: {info['optimizer']['class']}", title_justify="left", show_edge=False)
+    optimizer.add_column("group", justify="right")
+    for key in keys:
+        optimizer.add_column(key, justify="right")
+    for i, group in enumerate(groups):
+        optimizer.add_row(str(i), *(str(group.get(k, "")) for k in keys))
+    return Group(summary, "", tree, "", splits, "", optimizer)
+
+
+def _bytes(n: float) -> str:
+    if n < 1024:
+        return f"{n} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024:
+            break
+    return f"{n:.1f} {unit}"
+
+
+# ------------------------------------------------------------------------------ running
+
+def expand_run_options(runs: Iterable[str]) -> dict[str, str]:
+    """`--run` values (paths or globs) as run name -> path; every value must match a run."""
+    from .api import expand_runs
+    out: dict[str, str] = {}
+    for pattern in runs:
+        found = expand_runs([pattern])
+        if not found:
+            raise click.BadParameter(f"no run matches {pattern!r}", param_hint="--run")
+        for name, path in found.items():
+            if out.get(name, path) != path:
+                raise click.UsageError(f"runs {out[name]} and {path} are both named '{name}'; "
+                                       "rename one so the run column can tell them apart")
+            out[name] = path
+    return out
+
+
+class _Target:
+    """What queries run on: one opened run, or several runs compared (`--run`)."""
+
+    def __init__(self, run_path: str | None, runs: dict[str, str] | None):
+        self.runs = runs
+        if runs is None:
+            from . import open as open_run
+            self.run = open_run(run_path)
+
+    def query(self, text: str, params: dict[str, Any]):
+        if self.runs is not None:
+            from .api import compare
+            return compare(self.runs, text, **params)
+        return self.run.query(text, **params)
+
+
+def script_queries(text: str, params: dict[str, Any]) -> list[tuple[str | None, str, int]]:
+    """(result name, query text to run, line) for each query of an .eql script.
+
+    A query with `$parameters` runs as its canonical text, which has the script's
+    defaults and the caller's overrides already bound; others run as written, so error
+    carets point into what the user wrote.
+    """
+    from .lang import parse_script, unparse
+    return [(e.name, unparse(e.query) if "$" in e.source else e.source, text.count("\n", 0, e.pos) + 1)
+            for e in parse_script(text, params)]
+
+
+def _split_args(args: tuple[str, ...], runs: tuple[str, ...], what: str, join: bool) -> tuple[str | None, str]:
+    if runs:
+        if len(args) > 1 and (not join or Path(args[0]).exists()):
+            raise click.UsageError(f"with --run give only {what}; the runs come from --run")
+        return None, " ".join(args)
+    if len(args) < 2 or (len(args) > 2 and not join):
+        raise click.UsageError(f"expected RUN and {what} (or --run PATH ... and {what} to compare runs)")
+    return args[0], " ".join(args[1:])
+
+
+def _checked(text: str, params: dict[str, Any]) -> str:
+    """`text` once it parses: syntax errors are reported before torch is even imported."""
+    from .lang import parse
+    parse(text, params)
+    return text
+
+
+def _resolve_format(fmt: str | None, out: str | None) -> str:
+    return fmt or (format_from_path(out, "table") if out else "table")
+
+
+def _plot(frame, path: str) -> None:
+    from .plots import plot
+    plot(frame, path)
+    click.echo(f"wrote plot {path}", err=True)
+
+
+# ------------------------------------------------------------------------------ click
+
+class _Group(click.Group):
+    """Turns the package's errors into one stderr message and the exit code they carry."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("cancelled", err=True)
+            ctx.exit(130)
+        except Exception as exc:
+            if os.environ.get("EXPLAIND_QL_TRACEBACK"):
+                raise
+            from .errors import ExplaindError
+            if isinstance(exc, ExplaindError):
+                click.echo(f"{getattr(exc, 'cli_context', '')}{exc}", err=True)
+                ctx.exit(exc.exit_code)
+            kind = "error" if isinstance(exc, OSError) else f"internal error ({type(exc).__name__})"
+            click.echo(f"{kind}: {exc} (set EXPLAIND_QL_TRACEBACK=1 for details)", err=True)
+            ctx.exit(4)
+
+
+def _query_options(f):
+    options = [
+        click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+                     help="Output format (default: table, or for `query --out FILE` the file's extension)."),
+        click.option("--device", help="Compute device (cpu, cuda, cuda:N); added to the query's using clause."),
+        click.option("--dtype", type=click.Choice(["float32", "float64"]),
+                     help="Compute dtype; added to the query's using clause."),
+        click.option("--param", "params", multiple=True, callback=_params, metavar="NAME=VALUE",
+                     help="Bind $NAME (int, float or string); repeatable."),
+        click.option("--run", "runs", multiple=True, metavar="PATH|GLOB",
+                     help="Compare runs: repeatable or a glob; adds a leading run column. RUN is then omitted."),
+        click.option("--plot", type=click.Path(dir_okay=False),
+                     help="Also plot the (last) result to this image file (.png, .svg, .pdf)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="explaind_ql")
+def main() -> None:
+    """Query recorded training runs with the explaind query language.
+
+    \b
+    explaind-ql query run.zarr "influence on test[*] by layer"
+    explaind-ql run run.zarr analysis.eql --out results/
+    explaind-ql repl run.zarr
+    """
+
+
+@main.command("query")
+@click.argument("args", nargs=-1, required=True, metavar="[RUN] QUERY")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the result to this file instead of stdout.")
+@_query_options
+def query_cmd(args, out, fmt, device, dtype, params, runs, plot) -> None:
+    """Run one query and print (or --out) its result.
+
+    The query may be given as several words; they are joined with spaces.
+    """
+    run_path, text = _split_args(args, runs, "QUERY", join=True)
+    fmt = _resolve_format(fmt, out)
+    if fmt == "parquet" and not out:
+        raise click.UsageError("--format parquet needs --out FILE")
+    text = with_options(_checked(text, params), params, device, dtype)
+    target = _Target(run_path, expand_run_options(runs) if runs else None)
+    frame = target.query(text, params)
+    if out:
+        write_frame(frame, out, fmt)
+        click.echo(f"wrote {frame.height} rows to {out}", err=True)
+    else:
+        _echo_frame(frame, fmt)
+    if plot:
+        _plot(frame, plot)
+
+
+@main.command("run")
+@click.argument("args", nargs=-1, required=True, metavar="[RUN] FILE.eql")
+@click.option("--out", type=click.Path(file_okay=False), metavar="DIR",
+              help="Directory for named results (default: next to FILE.eql).")
+@_query_options
+def run_cmd(args, out, fmt, device, dtype, params, runs, plot) -> None:
+    """Run an .eql script of several queries.
+
+    Results named with `as NAME` go to DIR/NAME.<ext>, the others to stdout.
+    Named results use --format's extension (csv when the format is table).
+    `--param` overrides the script's `param $name = value;` defaults.
+    """
+    run_path, script = _split_args(args, runs, "FILE.eql", join=False)
+    path = Path(script)
+    if not path.is_file():
+        raise click.BadParameter(f"no such file: {script}", param_hint="FILE.eql")
+    fmt = fmt or "table"
+    file_fmt = "csv" if fmt == "table" else fmt
+    out_dir = Path(out) if out else path.parent
+    text = path.read_text(encoding="utf-8")
+    try:
+        queries = script_queries(text, params)
+    except Exception as exc:
+        exc.cli_context = f"{script}: "
+        raise
+    if fmt == "parquet" and any(name is None for name, _, _ in queries):
+        raise click.UsageError("--format parquet needs every query named (`... as NAME;`): "
+                               "unnamed results go to stdout")
+    target = _Target(run_path, expand_run_options(runs) if runs else None)
+    frame, printed = None, 0
+    for i, (name, query, line) in enumerate(queries, 1):
+        try:
+            frame = target.query(with_options(query, params, device, dtype), params)
+        except Exception as exc:
+            exc.cli_context = f"{script}, query {i} (line {line}): "
+            raise
+        if name is None:
+            if printed and fmt in ("table", "csv"):
+                click.echo()
+            _echo_frame(frame, fmt)
+            printed += 1
+        else:
+            dest = out_dir / f"{name}{SUFFIX[file_fmt]}"
+            write_frame(frame, dest, file_fmt)
+            click.echo(f"wrote {frame.height} rows to {dest}", err=True)
+    if plot and frame is not None:
+        _plot(frame, plot)
+
+
+@main.command("explain")
+@click.argument("run_path", metavar="RUN")
+@click.argument("words", nargs=-1, required=True, metavar="QUERY")
+@click.option("--device", help="Compute device; added to the query's using clause.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), help="Compute dtype.")
+@click.option("--param", "params", multiple=True, callback=_params, metavar="NAME=VALUE",
+              help="Bind $NAME; repeatable.")
+def explain_cmd(run_path, words, device, dtype, params) -> None:
+    """Print a query's plan without running it.
+
+    Shows the physical plan and each planner pass's decision.
+    """
+    from . import open as open_run
+    text = with_options(_checked(" ".join(words), params), params, device, dtype)
+    click.echo(open_run(run_path).explain(text, **params))
+
+
+@main.command("info")
+@click.argument("run_path", metavar="RUN")
+@click.option("--json", "as_json", is_flag=True, help="Print run.info() as JSON instead.")
+def info_cmd(run_path, as_json) -> None:
+    """Summarise a run: steps, layers, splits, optimizer, size."""
+    from . import open as open_run
+    info = open_run(run_path).info()
+    if as_json:
+        import json
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    from rich.console import Console
+    Console().print(info_renderable(info))
+
+
+@main.command("repl")
+@click.argument("run_path", metavar="RUN")
+@click.option("--format", "fmt", type=click.Choice(FORMATS[:-1]), default="table", help="Result format.")
+@click.option("--param", "params", multiple=True, callback=_params, metavar="NAME=VALUE",
+              help="Bind $NAME in every query; repeatable.")
+def repl_cmd(run_path, fmt, params) -> None:
+    """Interactive shell on a run.
+
+    Queries end with `;` and may span lines; `.help` lists the dot-commands.
+    """
+    from .repl import interact
+    interact(run_path, fmt=fmt, params=params)
+
+
+@main.command("demo")
+@click.option("--out", type=click.Path(file_okay=False), metavar="DIR", help="Where to write the demo's files.")
+@click.option("--quick", is_flag=True, help="A smaller, faster demo.")
+def demo_cmd(out, quick) -> None:
+    """Record a toy run and walk through example queries."""
+    from importlib import import_module
+    try:
+        demo = import_module(f"{__package__}.demo")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.demo":
+            raise
+        click.echo("error: the demo is not available in this installation (explaind_ql.demo is missing)",
+                   err=True)
+        click.get_current_context().exit(4)
+    demo.run_demo(out=out, quick=quick)
