@@ -37,36 +37,38 @@ class Mode:
     steps: int
     checkpoint_every: int
     log_every: int
-    queries: tuple[tuple[str, str], ...]  # (what it shows, query text)
+    queries: tuple[tuple[str, str, str], ...]  # (title, what it shows, query text)
 
 
 FULL_MODE = Mode(
     "full", SMALL, steps=800, checkpoint_every=50, log_every=100,
     queries=(
-        ("The grokking curve, read back from the store (states between checkpoints are replayed "
-         "exactly)", "evaluate on test[*] at steps 0:800 every 100"),
-        ("Which layer changed the test log-probabilities in which phase: memorisation (0-200), "
-         "circuit formation, the jump (400-600), cleanup", "influence on test[0..63] by layer, step every 100 "
-         "using quadrature 2"),
-        ("The training pairs that drove the generalisation jump the most (weight decay is one "
-         "row of its own)", "influence on test[0..63] over steps 400:600 by example top 5 abs using quadrature 2"),
-        ("A kernel matrix: test item x training pair during the jump (gradient term)",
-         "kernel on test[0..3] from train[0..5] over steps 450:500 using quadrature 2"),
-        ("Exactness: the decomposition against the model's real change (adaptive quadrature)",
-         "check on test[0..3] over steps 450:460"),
+        ("the grokking curve", "Test accuracy read back from the store; the states between checkpoints "
+         "are replayed exactly.", "evaluate on test[*] at steps 0:800 every 100"),
+        ("influence per layer and phase", "How much each layer's updates moved the log-probability of the "
+         "right answer on 64 test pairs, per 100 steps (all terms summed): down while the model memorises, "
+         "up when it generalises.", "influence on test[0..63] by layer, step every 100 using quadrature 2"),
+        ("the training pairs behind the jump", "The training pairs whose gradients raised or lowered those "
+         "test log-probabilities most during the jump (weight decay is a row of its own).",
+         "influence on test[0..63] over steps 400:600 by example top 5 abs using quadrature 2"),
+        ("a kernel matrix", "Test item x training pair: each pair's gradient contribution to each test item "
+         "during steps 450-500.", "kernel on test[0..3] from train[0..5] over steps 450:500 using quadrature 2"),
+        ("exactness", "The decomposition against the model's real change (adaptive quadrature): the "
+         "residual is the only approximation.", "check on test[0..3] over steps 450:460"),
     ))
 
 QUICK_MODE = Mode(
     "quick", QUICK, steps=120, checkpoint_every=20, log_every=30,
     queries=(
-        ("The accuracy curve, read back from the store", "evaluate on test[*] at steps 0:120 every 30"),
-        ("Which layer changed the test log-probabilities when",
+        ("the accuracy curve", "Test accuracy read back from the store.",
+         "evaluate on test[*] at steps 0:120 every 30"),
+        ("influence per layer and phase", "How much each layer moved the test log-probabilities, per 40 steps.",
          "influence on test[0..15] by layer, step every 40 using quadrature 2"),
-        ("The most influential training pairs of steps 40-80",
+        ("the most influential training pairs", "Training pairs ranked by their contribution in steps 40-80.",
          "influence on test[0..15] over steps 40:80 by example top 5 abs using quadrature 2"),
-        ("A kernel matrix: test item x training pair (gradient term)",
+        ("a kernel matrix", "Test item x training pair, gradient term, steps 60-80.",
          "kernel on test[0..3] from train[0..5] over steps 60:80 using quadrature 2"),
-        ("Exactness: the decomposition against the model's real change",
+        ("exactness", "The decomposition against the model's real change.",
          "check on test[0..3] over steps 60:70"),
     ))
 
@@ -115,6 +117,10 @@ def _show(frame, query: str) -> str:
     """How the demo prints a frame: kernel frames as a test x example matrix, the rest as is."""
     import polars as pl
 
+    if {"layer", "step"} <= set(frame.columns) and "example" not in frame.columns:
+        table = frame.group_by("step", "layer", maintain_order=True).agg(pl.col("influence").sum())
+        table = table.pivot(on="layer", index="step", values="influence").sort("step")
+        return f"{table}\n(rows: the first step of each bin; columns: layers; all terms summed)"
     if query.startswith("kernel") and "example" in frame.columns:
         grad = frame.filter(pl.col("term") == "gradient")
         matrix = grad.pivot(on="example", index="test", values="influence", aggregate_function="sum")
@@ -169,8 +175,9 @@ def run_demo(out: str | Path | None = None, quick: bool = False) -> Path:
         say(f"  {run!r}; {info['bytes_on_disk'] / 2**20:.1f} MiB on disk")
 
         with pl.Config(tbl_rows=12, tbl_width_chars=160, fmt_str_lengths=40):
-            for i, (what, query) in enumerate(mode.queries, start=2):
-                console.rule(f"{i}. {what}")
+            for i, (title, what, query) in enumerate(mode.queries, start=2):
+                console.rule(f"{i}. {title}")
+                say(what)
                 say(f">>> {query}", "bold")
                 t = time.perf_counter()
                 frame = run.query(query)

@@ -17,11 +17,13 @@ selected steps) terms separately from the ``gradient`` term.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from .. import progress
 from ..optim import LinearStep
 from ..params import ParamSpace
 from ..run import Run
@@ -33,6 +35,7 @@ from .trajectory import StepRecord, TensorCache, Trajectory
 STRATEGIES = ("delta", "fold", "momentum")
 JVP_MAX_TANGENTS = 16
 PHI_CACHE_BYTES = 256 << 20
+JAC_CHUNK_BYTES = 64 << 20  # Jacobians at quadrature nodes held at once
 GROUP_LOOP_MAX = 64
 
 
@@ -136,10 +139,11 @@ class Engine:
         ctx = _Context(self, req)
         t0 = time.perf_counter()
         replay0 = self.traj.replayed_steps
-        if strategy == "fold":
-            ctx.run_fold()
-        else:
-            ctx.run_forward(per_example=strategy == "momentum")
+        with progress.task(f"{strategy}: steps {req.a}:{req.b}", req.b - req.a) as ctx.bar:
+            if strategy == "fold":
+                ctx.run_fold()
+            else:
+                ctx.run_forward(per_example=strategy == "momentum")
         ctx.stats.update(strategy=strategy, seconds=time.perf_counter() - t0,
                          replayed_steps=self.traj.replayed_steps - replay0)
         return ctx.result()
@@ -169,7 +173,13 @@ class _Context:
         items = torch.tensor(req.target.items, device=dev)
         self.x_items = x[items]
         self.target_fn = targets.make(req.target, y[items], eng.run.loss)
+        self.y_items = y[items]
+        one = dataclasses.replace(req.target, keep_test=True)
+        self.item_target = ((lambda out, yi: targets.make(one, yi, eng.run.loss)(out))
+                            if req.target.keep_test and len(req.target.items) > 1 else None)
         self.labels = eng.target_labels(req.target)
+        itemsize = torch.empty((), dtype=dt).element_size()
+        self.max_points = max(1, JAC_CHUNK_BYTES // (4 * itemsize * len(self.labels) * max(1, self.sel.size)))
         self.T = len(self.labels)
         # training examples: output column of every train index (-1: not selected)
         n_train = eng.run.split_size("train")
@@ -194,6 +204,7 @@ class _Context:
         self.qstats = quadrature.QuadStats()
         self.stats: dict = {}
         self.seconds = {"test": 0.0, "trajectory": 0.0}
+        self.bar = progress.Task()
         self.budget = self._quad_budget()
 
     # -- test side ---------------------------------------------------------------------------
@@ -205,7 +216,9 @@ class _Context:
         lo = run.ckpt_at_or_before(req.a)
         hi = min(len(run.ckpt_states) - 1, int(torch.searchsorted(torch.as_tensor(run.ckpt_states), req.b)))
         f = [self._f(run.stored_state(p)[0].to(self.eng.device, self.eng.dtype)) for p in (lo, hi)]
-        scale = torch.maximum((f[1] - f[0]).abs(), 1e-9 * (1 + f[0].abs()))
+        # one absolute allowance for every target, from the largest change: what "relative to the
+        # total change" means for the frame (targets that barely move are not refined to noise)
+        scale = torch.maximum((f[1] - f[0]).abs().max(), 1e-9 * (1 + f[0].abs().max())).expand_as(f[0])
         # below a few roundings of F the exact-change check measures noise, not quadrature error
         noise = 16 * torch.finfo(self.eng.dtype).eps * (1 + f[0].abs() + f[1].abs())
         return torch.maximum(req.tolerance * scale / max(1, req.b - req.a), noise)
@@ -223,6 +236,7 @@ class _Context:
             if rec is None:
                 return
             yield rec
+            self.bar.advance()
 
     def phi(self, rec: StepRecord) -> torch.Tensor:
         """(T, P_sel) path-integrated target gradient, cached per open run and step."""
@@ -243,8 +257,12 @@ class _Context:
         idx, fn = self.idx, self.eng.fn
 
         def jac_at(ts: torch.Tensor) -> torch.Tensor:
-            pts = theta[None] + ts[:, None] * delta[None]
-            return fn.jacobian(self.sel, self.target_fn, pts, lambda p: p[:, idx], self.x_items, self.T)
+            parts = []
+            for chunk in ts.split(self.max_points):  # bounded memory: max_points × T × P_sel at once
+                pts = theta[None] + chunk[:, None] * delta[None]
+                parts.append(fn.jacobian(self.sel, self.target_fn, pts, lambda p: p[:, idx], self.x_items, self.T,
+                                         self.item_target, self.y_items))
+            return torch.cat(parts)
 
         f_at = (lambda t: self._f(theta + t * delta)) if self.all_params else None
         return quadrature.integrate(jac_at, delta[idx], self.req.nodes, self.budget, rec.s, self.qstats,

@@ -61,12 +61,24 @@ class ModelFn:
 
     def jacobian(self, sel: ParamSpace, target: Callable[[torch.Tensor], torch.Tensor],
                  points: torch.Tensor, theta_sel_of: Callable[[torch.Tensor], torch.Tensor],
-                 x: torch.Tensor, n_targets: int) -> torch.Tensor:
-        """(m, T, P_sel) Jacobian of the target vector wrt the selected params at m full points."""
+                 x: torch.Tensor, n_targets: int,
+                 item_target: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 y: torch.Tensor | None = None) -> torch.Tensor:
+        """(m, T, P_sel) Jacobian of the target vector wrt the selected params at m full points.
+
+        With ``item_target`` (targets kept per test item) each item is differentiated on
+        its own forward pass: T·C reverse passes over one item each, not over the whole batch.
+        """
         def tvec(th_sel, th_full):
             return target(self._call(th_full, sel, th_sel, x))
 
         if n_targets == 1:  # aggregated target: a gradient is cheaper than a Jacobian
             g = vmap(grad(lambda a, b: tvec(a, b)[0]))(theta_sel_of(points), points)
             return g[:, None, :]
+        if item_target is not None:
+            def one(th_sel, th_full, xi, yi):
+                return item_target(self._call(th_full, sel, th_sel, xi[None]), yi[None])
+            per_item = vmap(torch.func.jacrev(one), in_dims=(None, None, 0, 0))
+            j = vmap(per_item, in_dims=(0, 0, None, None))(theta_sel_of(points), points, x, y)
+            return j.reshape(j.shape[0], -1, j.shape[-1])
         return vmap(torch.func.jacrev(tvec))(theta_sel_of(points), points)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 MAX_SPLITS = 256
+PIECES_BYTES = 256 << 20  # live pieces keep their (T, P) estimates: refinement is capped to fit this
 
 
 RULES = ("gauss", "midpoint")
@@ -82,10 +83,12 @@ def integrate(jac_at: Callable[[torch.Tensor], torch.Tensor], delta_sel: torch.T
         return (lo, hi, fine, err, f_lo, f_hi)
 
     safe = budget.clamp_min(torch.finfo(budget.dtype).tiny)
+    piece_bytes = max(1, budget.numel() * delta_sel.numel() * delta_sel.element_size())
+    max_splits = max(8, min(MAX_SPLITS, PIECES_BYTES // piece_bytes))
     pieces = [piece(0.0, 1.0, *((f_at(0.0), f_at(1.0)) if f_at is not None else (None, None)))]
     splits = 0
     while bool((sum(p[3] for p in pieces) > budget).any()):
-        if splits >= MAX_SPLITS:
+        if splits >= max_splits:
             stats.unconverged.append(step)
             stats.max_error = max(stats.max_error, float((sum(p[3] for p in pieces) / safe).max()))
             break
