@@ -45,7 +45,7 @@ def _long(values: np.ndarray, term: str, axes: tuple[str, ...]) -> pl.DataFrame:
 
 
 def influence_frame(result: Result, plan: Plan, run: Run) -> pl.DataFrame:
-    b, req = plan.bound, plan.request
+    b = plan.bound
     parts = [_long(result.gradient.detach().cpu().numpy(), "gradient", ("_bin", "_t", "_e", "_g"))]
     for term, t in (("weight_decay", result.weight_decay), ("momentum", result.momentum)):
         if term == "momentum" and not bool(t.any()):

@@ -152,8 +152,8 @@ class Run:
         return {n: torch.from_numpy(np.asarray(self.ds[f"const_{i}"].values)) for i, n in enumerate(names)}
 
     # -- querying (the language lives in explaind_ql.api; imported late to keep `open` light) ----
-    def query(self, text: str, **params) -> "pl.DataFrame":  # noqa: F821
-        """Run a query on this run: ``run.query("influence of layer emb on test[0..9] by step")``."""
+    def query(self, text: str, **params):
+        """Run a query on this run (a polars DataFrame): ``run.query("influence on test[0..9] by layer")``."""
         from .api import query
         return query(self, text, **params)
 

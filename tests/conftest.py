@@ -31,3 +31,9 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run_path(toy_run) -> str:
+    """A 12-step toy transformer run (layers emb, attn, linear1, linear2, unembed)."""
+    return str(toy_run("transformer", "adamw", steps=12))

@@ -18,7 +18,6 @@ from pathlib import Path
 import click
 import polars as pl
 import pytest
-import torch
 from click.testing import CliRunner
 
 import explaind_ql as eq
@@ -41,17 +40,8 @@ kernel on test[0] from train[0..2] as kern;
 SINGLE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def run_path(toy_run) -> str:
-    return str(toy_run("transformer", "adamw", steps=12))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import time
 
 import polars as pl
 import pytest
-import torch
 
 import explaind_ql as eq
 from explaind_ql import progress
@@ -21,18 +20,8 @@ SLOW = " ".join(f"kernel on output(test[{items}]) from train[*] by step using to
                 for items in ("0..3", "1..4", "0..2", "2..4", "0, 4"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Toy-sized queries run several times faster on one thread (see test_cli)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def run_path(toy_run) -> str:
-    return str(toy_run("transformer", "adamw", steps=12))
 
 
 @pytest.fixture
