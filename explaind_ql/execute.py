@@ -83,14 +83,17 @@ def analyze(run: Run, bound: Bound, eng: Engine, plan: Plan | None) -> str:
     if plan is None:
         return explain_text(run, bound, eng, plan) + f"\nanalyzed: {total:.3f} s, {frame.height} rows"
     st = run.cache.get("last_stats", {})
+    fmt = engine_budget.fmt_bytes
     test_s, traj_s = st.get("test_seconds", 0.0), st.get("trajectory_seconds", 0.0)
     measured = {
         "frame": f"{frame.height} rows",
         "contract": f"{st.get('seconds', total):.3f} s, {st.get('chunks', 1)} chunk(s)",
-        "test": f"{test_s:.3f} s, {st.get('evaluations', 0)} gradient evaluations, "
-                f"{st.get('refined_steps', 0)} steps refined, {st.get('phi_cache_hits', 0)} cache hits",
-        "train": f"{max(0.0, st.get('seconds', total) - test_s - traj_s):.3f} s",
-        "trajectory": f"{traj_s:.3f} s, {st.get('replayed_steps', 0)} steps replayed",
+        "test": f"{test_s:.3f} s, +{fmt(st.get('test_bytes', 0))} peak, {st.get('evaluations', 0)} gradient "
+                f"evaluations, {st.get('refined_steps', 0)} steps refined, {st.get('phi_cache_hits', 0)} cache hits",
+        "train": f"{max(0.0, st.get('seconds', total) - test_s - traj_s):.3f} s, "
+                 f"+{fmt(st.get('train_bytes', 0))} peak",
+        "trajectory": f"{traj_s:.3f} s, +{fmt(st.get('trajectory_bytes', 0))} peak, "
+                      f"{st.get('replayed_steps', 0)} steps replayed",
         "summary": f"{total:.3f} s total, memory +{engine_budget.fmt_bytes(mem)} "
                    f"({'peak CUDA' if eng.device.type == 'cuda' else 'resident growth'})",
     }

@@ -21,6 +21,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
+import psutil
 import torch
 
 from .. import progress
@@ -149,6 +150,10 @@ class Engine:
         return ctx.result()
 
 
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
 class _Context:
     """State of one request's execution (kept off the Engine so requests never share it)."""
 
@@ -204,6 +209,7 @@ class _Context:
         self.qstats = quadrature.QuadStats()
         self.stats: dict = {}
         self.seconds = {"test": 0.0, "trajectory": 0.0}
+        self.grown = {"test": 0, "trajectory": 0, "train": 0}  # largest resident growth in one unit of work
         self.bar = progress.Task()
         self.budget = self._quad_budget()
 
@@ -230,9 +236,10 @@ class _Context:
         """The trajectory's records, timing how long reading and replaying take."""
         it = self.eng.traj.walk(a, b)
         while True:
-            t0 = time.perf_counter()
+            t0, rss0 = time.perf_counter(), _rss()
             rec = next(it, None)
             self.seconds["trajectory"] += time.perf_counter() - t0
+            self.grown["trajectory"] = max(self.grown["trajectory"], _rss() - rss0)
             if rec is None:
                 return
             yield rec
@@ -246,9 +253,10 @@ class _Context:
         if key in cache:
             self.stats["phi_cache_hits"] = self.stats.get("phi_cache_hits", 0) + 1
             return cache[key]
-        t0 = time.perf_counter()
+        t0, rss0 = time.perf_counter(), _rss()
         phi = self._phi(rec)
         self.seconds["test"] += time.perf_counter() - t0
+        self.grown["test"] = max(self.grown["test"], _rss() - rss0)
         cache[key] = phi
         return phi
 
@@ -292,8 +300,10 @@ class _Context:
 
     def pegrads(self, rec: StepRecord, ex: torch.Tensor) -> torch.Tensor:
         """c_s w_s g_{s,k}: (n, P_sel) clipped, weighted per-example gradients of the selected params."""
+        rss0 = _rss()
         x, y = self.eng.split("train")
         g = self.eng.fn.per_example_grads(self.sel, rec.theta[self.idx], rec.theta, x[ex], y[ex])
+        self.grown["train"] = max(self.grown["train"], _rss() - rss0)
         return g * (rec.meta.clip * rec.meta.weight)
 
     # -- forward strategies (delta, momentum) ------------------------------------------------
@@ -380,6 +390,12 @@ class _Context:
 
     def _batch_influence(self, rec: StepRecord, ex: torch.Tensor, a_vec: torch.Tensor) -> torch.Tensor:
         """(T, n, G): g_{i,k}·A_i per group for the batch's selected examples."""
+        rss0 = _rss()
+        out = self._batch_influence_of(rec, ex, a_vec)
+        self.grown["train"] = max(self.grown["train"], _rss() - rss0)
+        return out
+
+    def _batch_influence_of(self, rec: StepRecord, ex: torch.Tensor, a_vec: torch.Tensor) -> torch.Tensor:
         T, G = a_vec.shape[0], self.G
         if T * G <= JVP_MAX_TANGENTS and self.masks is not None:
             onehot = torch.zeros(G, self.sel.size, dtype=a_vec.dtype, device=a_vec.device)
@@ -395,6 +411,8 @@ class _Context:
     # -- result ------------------------------------------------------------------------------
     def result(self) -> Result:
         self.stats.update(test_seconds=self.seconds["test"], trajectory_seconds=self.seconds["trajectory"],
+                          test_bytes=self.grown["test"], trajectory_bytes=self.grown["trajectory"],
+                          train_bytes=self.grown["train"],
                           evaluations=self.qstats.evaluations, refined_steps=self.qstats.refined_steps,
                           unconverged_steps=list(self.qstats.unconverged))
         return Result(self.grad, self.wd, self.mom, self.labels, self.example_ids.cpu(),
