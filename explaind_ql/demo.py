@@ -69,7 +69,7 @@ QUICK_MODE = Mode(
         ("a kernel matrix", "Test item x training pair, gradient term, steps 60-80.",
          "kernel on test[0..3] from train[0..5] over steps 60:80 using quadrature 2"),
         ("exactness", "The decomposition against the model's real change.",
-         "check on test[0..3] over steps 60:70"),
+         "check on test[0..3] over steps 60:65"),
     ))
 
 # The demo's ops are tiny: one thread is as fast on an idle machine and much faster on a busy one.
@@ -144,6 +144,7 @@ def run_demo(out: str | Path | None = None, quick: bool = False) -> Path:
 
     def say(text: str, style: str | None = None) -> None:
         console.print(text, style=style, markup=False)
+
     mode = QUICK_MODE if quick else FULL_MODE
     root = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="explaind-ql-demo-"))
     root.mkdir(parents=True, exist_ok=True)
