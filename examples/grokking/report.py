@@ -396,7 +396,7 @@ def write_report(path, run, args, entries, res, phases, marks, kernel_rows, wind
                      for t in ("gradient", "weight_decay", "momentum")}
             bal.append({"split": split, "layer": lay, **terms,
                         "total": sum(terms.values()),
-                        "|decay| / |gradient|": abs(terms["weight_decay"]) / max(abs(terms["gradient"]), 1e-300)})
+                        "decay / gradient (abs)": abs(terms["weight_decay"]) / max(abs(terms["gradient"]), 1e-300)})
     bal_table = pl.DataFrame(bal)
 
     sim_rows = [{"window": f"{a}:{b}", **{f"{lay} vs inner (similarity)": aligned[lay][i] for lay in OUTER},
