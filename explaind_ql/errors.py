@@ -8,8 +8,6 @@ the problem and the fix. The CLI maps the classes to exit codes (2 syntax/usage,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 
 class ExplaindError(Exception):
     """Base class: a problem the user can fix, reported in one line."""
@@ -89,11 +87,3 @@ class ReplayError(ExplaindError):
     """Replaying a checkpointed segment drifted away from the next stored checkpoint."""
 
     exit_code = 4
-
-
-@dataclass(frozen=True)
-class Position:
-    """A span in query text, carried by AST nodes so later passes can point at them."""
-
-    start: int
-    end: int

@@ -18,9 +18,6 @@ from .engine.kernels import Result
 from .plan import Plan
 from .run import Run
 
-TERMS = ("gradient", "weight_decay", "momentum")
-
-
 def _group_keys(plan: Plan, run: Run) -> dict[str, list]:
     """Per engine group: the param / element / layer key values it stands for."""
     g, space = plan.grouping, run.space

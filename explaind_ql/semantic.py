@@ -19,7 +19,6 @@ from .run import Run
 
 DEFAULT_TOLERANCE = 1e-6
 DEFAULT_NODES = 2
-KEY_ORDER = ("test", "output", "example", "step", "layer", "param", "element")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ why a SIGKILLed recording still opens.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -189,7 +188,3 @@ def open_dataset(path: str | os.PathLike) -> tuple[xr.Dataset, dict]:
                          "checkpoint was written); re-record the run")
     return ds, attrs
 
-
-def read_json_attr(attrs: dict, key: str):
-    v = attrs[key]
-    return json.loads(v) if isinstance(v, str) else v

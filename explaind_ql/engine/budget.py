@@ -144,8 +144,7 @@ def execute(engine, tree: tuple) -> Result:
         r.stats["estimated_bytes"] = tree[2]
         return r
     _, axis, subs = tree
-    return merge(axis, [execute(engine, t) for t in subs], subs[0][1].by_element if subs[0][0] == "leaf"
-                 else _by_element(subs[0]))
+    return merge(axis, [execute(engine, t) for t in subs], _by_element(subs[0]))
 
 
 def _by_element(tree: tuple) -> bool:

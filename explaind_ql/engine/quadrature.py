@@ -18,9 +18,6 @@ MAX_SPLITS = 256
 PIECES_BYTES = 256 << 20  # live pieces keep their (T, P) estimates: refinement is capped to fit this
 
 
-RULES = ("gauss", "midpoint")
-
-
 @lru_cache(maxsize=32)
 def _rule(n: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
     if rule == "midpoint":  # the reference implementation's rule, kept for like-for-like comparisons
