@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from report import emit  # noqa: E402  (bench/ is on sys.path when run as a script)
 import explaind_ql as eq
 from explaind_ql.execute import run_query
 from explaind_ql.toy import record_toy
@@ -54,10 +55,7 @@ def main() -> None:
             total_diff = abs(float(fast["influence"].sum()) - float(full["influence"].sum()))
             lines.append(f"| `{q}` | {t_fast:.2f} | {t_full:.2f} | {t_full / t_fast:.1f}× | {total_diff:.1e} (frame totals) |")
             print(lines[-1], flush=True)
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        Path(__file__).with_name("RESULTS_pushdown.md").write_text(text + "\n")
+    emit(lines, "RESULTS_pushdown.md", args.write)
 
 
 if __name__ == "__main__":

@@ -45,13 +45,17 @@ def _params(ctx, param, values: Iterable[str]) -> dict[str, int | float | str]:
     return out
 
 
-def with_options(text: str, params: dict[str, Any], device: str | None = None, dtype: str | None = None) -> str:
-    """`text` with `--device`/`--dtype` merged into its `using` clause (added if missing).
+def with_options(text: str, params: dict[str, Any], device: str | None = None, dtype: str | None = None,
+                 scheduler: str | None = None) -> str:
+    """`text` with `--device`/`--dtype`/`--scheduler` merged into its `using` clause (added if missing).
 
     A value the query already sets differently is a usage error rather than a silent
     override: the query text is what gets shared and re-run, so it must stay truthful.
+    `--scheduler ADDRESS` becomes `cluster "ADDRESS"`.
     """
     wanted = {name: value.lower() for name, value in (("device", device), ("dtype", dtype)) if value}
+    if scheduler:
+        wanted["cluster"] = scheduler
     if not wanted:
         return text
     from .lang import parse
@@ -60,16 +64,21 @@ def with_options(text: str, params: dict[str, Any], device: str | None = None, d
         for name, value in list(wanted.items()):
             given = query.options.get(name)
             if given is not None and str(given) != value:
-                raise click.UsageError(f"--{name} {value} conflicts with 'using {name} {given}' in the query")
+                flag = "scheduler" if name == "cluster" else name
+                raise click.UsageError(f"--{flag} {value} conflicts with 'using {name} {given}' in the query")
             if given is not None:
                 del wanted[name]
     if not wanted:
         return text
-    added = ", ".join(f"{name} {value}" for name, value in wanted.items())
+    added = ", ".join(f"{name} {_quoted(v) if name == 'cluster' else v}" for name, v in wanted.items())
     if query.options is not None:  # options may come in any order: put ours first
         at = query.options.pos + len("using")
         return f"{text[:at]} {added},{text[at:]}"
     return f"{_TRAILING_SEMICOLON.sub('', text)}\nusing {added}"  # a new line: the text may end in a comment
+
+
+def _quoted(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 # ------------------------------------------------------------------------------ frames out
@@ -304,6 +313,9 @@ def _query_options(f):
         click.option("--device", help="Compute device (cpu, cuda, cuda:N); added to the query's using clause."),
         click.option("--dtype", type=click.Choice(["float32", "float64"]),
                      help="Compute dtype; added to the query's using clause."),
+        click.option("--scheduler", metavar="ADDRESS",
+                     help="Run on the Dask cluster at ADDRESS (tcp://host:8786); added to the query's "
+                          "using clause as cluster \"ADDRESS\"."),
         click.option("--param", "params", multiple=True, callback=_params, metavar="NAME=VALUE",
                      help="Bind $NAME (int, float or string); repeatable."),
         click.option("--run", "runs", multiple=True, metavar="PATH|GLOB",
@@ -332,7 +344,7 @@ def main() -> None:
 @click.argument("args", nargs=-1, required=True, metavar="[RUN] QUERY")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the result to this file instead of stdout.")
 @_query_options
-def query_cmd(args, out, fmt, device, dtype, params, runs, plot) -> None:
+def query_cmd(args, out, fmt, device, dtype, scheduler, params, runs, plot) -> None:
     """Run one query and print (or --out) its result.
 
     The query may be given as several words; they are joined with spaces.
@@ -341,7 +353,7 @@ def query_cmd(args, out, fmt, device, dtype, params, runs, plot) -> None:
     fmt = _resolve_format(fmt, out)
     if fmt == "parquet" and not out:
         raise click.UsageError("--format parquet needs --out FILE")
-    text = with_options(_checked(text, params), params, device, dtype)
+    text = with_options(_checked(text, params), params, device, dtype, scheduler)
     target = _Target(run_path, expand_run_options(runs) if runs else None)
     frame = target.query(text, params)
     if out:
@@ -358,7 +370,7 @@ def query_cmd(args, out, fmt, device, dtype, params, runs, plot) -> None:
 @click.option("--out", type=click.Path(file_okay=False), metavar="DIR",
               help="Directory for named results (default: next to FILE.eql).")
 @_query_options
-def run_cmd(args, out, fmt, device, dtype, params, runs, plot) -> None:
+def run_cmd(args, out, fmt, device, dtype, scheduler, params, runs, plot) -> None:
     """Run an .eql script of several queries.
 
     Results named with `as NAME` go to DIR/NAME.<ext>, the others to stdout.
@@ -385,7 +397,7 @@ def run_cmd(args, out, fmt, device, dtype, params, runs, plot) -> None:
     frame, printed = None, 0
     for i, (name, query, line) in enumerate(queries, 1):
         try:
-            frame = target.query(with_options(query, params, device, dtype), params)
+            frame = target.query(with_options(query, params, device, dtype, scheduler), params)
         except Exception as exc:
             exc.cli_context = f"{script}, query {i} (line {line}): "
             raise
@@ -407,15 +419,16 @@ def run_cmd(args, out, fmt, device, dtype, params, runs, plot) -> None:
 @click.argument("words", nargs=-1, required=True, metavar="QUERY")
 @click.option("--device", help="Compute device; added to the query's using clause.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), help="Compute dtype.")
+@click.option("--scheduler", metavar="ADDRESS", help="Plan for the Dask cluster at ADDRESS (shows its step chunks).")
 @click.option("--param", "params", multiple=True, callback=_params, metavar="NAME=VALUE",
               help="Bind $NAME; repeatable.")
-def explain_cmd(run_path, words, device, dtype, params) -> None:
+def explain_cmd(run_path, words, device, dtype, scheduler, params) -> None:
     """Print a query's plan without running it.
 
     Shows the physical plan and each planner pass's decision.
     """
     from . import open as open_run
-    text = with_options(_checked(" ".join(words), params), params, device, dtype)
+    text = with_options(_checked(" ".join(words), params), params, device, dtype, scheduler)
     click.echo(open_run(run_path).explain(text, **params))
 
 
@@ -439,13 +452,14 @@ def info_cmd(run_path, as_json) -> None:
 @click.option("--format", "fmt", type=click.Choice(FORMATS[:-1]), default="table", help="Result format.")
 @click.option("--param", "params", multiple=True, callback=_params, metavar="NAME=VALUE",
               help="Bind $NAME in every query; repeatable.")
-def repl_cmd(run_path, fmt, params) -> None:
+@click.option("--scheduler", metavar="ADDRESS", help="Run influence and kernel queries on the Dask cluster at ADDRESS.")
+def repl_cmd(run_path, fmt, params, scheduler) -> None:
     """Interactive shell on a run.
 
     Queries end with `;` and may span lines; `.help` lists the dot-commands.
     """
     from .repl import interact
-    interact(run_path, fmt=fmt, params=params)
+    interact(run_path, fmt=fmt, params=params, scheduler=scheduler)
 
 
 @main.command("demo")

@@ -1,9 +1,9 @@
 """The project's error types.
 
 Every failure a user can cause (bad query, bad store, unsupported optimizer, a run
-that would not fit in memory) is one of these, with a one-line message that names
-the problem and the fix. The CLI maps the classes to exit codes (2 syntax/usage,
-3 semantic, 4 runtime), so the hierarchy is part of the contract.
+that would not fit in memory, an unreachable cluster) is one of these, with a one-line
+message that names the problem and the fix. The CLI maps the classes to exit codes
+(2 syntax/usage, 3 semantic, 4 runtime), so the hierarchy is part of the contract.
 """
 
 from __future__ import annotations
@@ -79,6 +79,12 @@ class VerificationError(RecordingError):
 
 class BudgetError(ExplaindError):
     """The plan cannot be chunked under the memory budget."""
+
+    exit_code = 4
+
+
+class ClusterError(ExplaindError):
+    """A Dask scheduler cannot be reached, or a chunk of a distributed query failed for good."""
 
     exit_code = 4
 

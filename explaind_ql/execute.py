@@ -36,17 +36,28 @@ def engine_for(run: Run, device: str, dtype: torch.dtype) -> Engine:
     return engines[key]
 
 
-def prepare(run: Run, text: str, params: dict[str, Any] | None = None,
-            pushdown: bool = True) -> tuple[Bound, Engine, Plan | None]:
+def prepare(run: Run, text: str, params: dict[str, Any] | None = None, pushdown: bool = True,
+            scheduler: Any = None) -> tuple[Bound, Engine, Plan | None]:
+    """Parse, bind and plan. ``scheduler`` (or the query's ``using cluster``) distributes the plan.
+
+    ``check``, ``similarity`` and ``evaluate`` always run locally.
+    """
     q = parse(text, params or {})
-    bound = bind(q, run)
-    eng = engine_for(run, bound.device, bound.dtype)
+    bound = bind(q, run, distributed=scheduler is not None)
+    remote = scheduler is not None or bound.cluster is not None
+    gpu_elsewhere = remote and bound.device.startswith("cuda") and not torch.cuda.is_available()
+    eng = engine_for(run, "cpu" if gpu_elsewhere else bound.device, bound.dtype)  # with a cluster: plans only
     plan = optimise(bound, run, eng, pushdown=pushdown) if bound.measure in ("influence", "kernel") else None
+    if plan is not None and remote:
+        from . import distributed
+        plan = distributed.distribute(plan, run, eng, distributed.scheduler_for(scheduler, bound.cluster),
+                                      bound.device if bound.device_pinned else None)
     return bound, eng, plan
 
 
-def run_query(run: Run, text: str, params: dict[str, Any] | None = None, pushdown: bool = True) -> pl.DataFrame:
-    bound, eng, plan = prepare(run, text, params, pushdown)
+def run_query(run: Run, text: str, params: dict[str, Any] | None = None, pushdown: bool = True,
+              scheduler: Any = None) -> pl.DataFrame:
+    bound, eng, plan = prepare(run, text, params, pushdown, scheduler)
     if bound.query.explain == "plan":
         return pl.DataFrame({"plan": explain_text(run, bound, eng, plan).split("\n")})
     if bound.query.explain == "analyze":
@@ -56,7 +67,11 @@ def run_query(run: Run, text: str, params: dict[str, Any] | None = None, pushdow
 
 def compute(run: Run, bound: Bound, eng: Engine, plan: Plan | None) -> pl.DataFrame:
     if plan is not None:
-        result = engine_budget.execute(eng, plan.chunks)
+        if plan.distribution is not None:
+            from . import distributed
+            result = distributed.execute(run, plan)
+        else:
+            result = engine_budget.execute(eng, plan.chunks)
         run.cache["last_stats"] = result.stats
         return influence_frame(result, plan, run)
     return {"check": check_frame, "similarity": similarity_frame, "evaluate": evaluate_frame}[bound.measure](
@@ -94,6 +109,8 @@ def analyze(run: Run, bound: Bound, eng: Engine, plan: Plan | None) -> str:
                  f"+{fmt(st.get('train_bytes', 0))} peak",
         "trajectory": f"{traj_s:.3f} s, +{fmt(st.get('trajectory_bytes', 0))} peak, "
                       f"{st.get('replayed_steps', 0)} steps replayed",
+        "distributed": f"{st.get('wall_seconds', 0.0):.3f} s wall, {st.get('chunks', 1)} tasks on "
+                       f"{len(st.get('worker_pids', []))} worker process(es)",
         "summary": f"{total:.3f} s total, memory +{engine_budget.fmt_bytes(mem)} "
                    f"({'peak CUDA' if eng.device.type == 'cuda' else 'resident growth'})",
     }

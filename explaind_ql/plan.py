@@ -7,8 +7,11 @@ small function ``Plan -> Plan``, then rewrite it:
 1. :func:`pushdown_restrictions` moves the component, step and example filters into the
    engine request (gradients only for what is selected);
 2. :func:`aggregate_tests` sums the test items inside the target when no test axis is kept;
-3. :func:`choose_strategy` picks ``delta`` / ``fold`` / ``momentum`` by estimated cost;
+3. :func:`choose_strategy` picks ``delta`` / ``project`` / ``fold`` / ``momentum`` by estimated cost;
 4. :func:`chunk_under_budget` splits the request so its working set fits the memory budget.
+
+With ``using cluster`` (or ``scheduler=``), :func:`explaind_ql.distributed.distribute`
+adds a last pass that splits the plan into step chunks for Dask workers.
 
 The result is the *physical* plan: an engine chunk tree plus the post-processing
 (filter, top-k) that the frame needs. ``explain`` prints the tree with each decision.
@@ -17,6 +20,7 @@ The result is the *physical* plan: an engine chunk tree plus the post-processing
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from .engine import budget as engine_budget
 from .engine.kernels import JVP_MAX_TANGENTS, Engine, Request
@@ -25,6 +29,7 @@ from .run import Run
 from .semantic import Bound
 
 FLOPS_PER_PARAM = 6  # forward + backward, per parameter and item: a rough, documented constant
+JAC_TRAFFIC = 8  # FLOP-equivalents to hold and contract one Jacobian element (measured order)
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class Plan:
     costs: dict = field(default_factory=dict)
     chunks: tuple | None = None
     budget: int = 0
+    distribution: Any = None  # explaind_ql.distributed.Distribution when it runs on a cluster
 
     def decide(self, pass_name: str, what: str, **changes) -> Plan:
         return replace(self, decisions=self.decisions + ((pass_name, what),), **changes)
@@ -116,20 +122,30 @@ def aggregate_tests(plan: Plan, run: Run) -> Plan:
 
 
 def estimate_costs(req: Request, run: Run, engine: Engine) -> dict[str, float]:
-    """Rough FLOPs of each applicable strategy (for the choice and for explain)."""
+    """Rough FLOPs of each applicable strategy (for the choice and for explain).
+
+    Per quadrature node and test item, a forward pass costs 2 FLOPs per param, each
+    reverse pass of a Jacobian row or forward-mode tangent about 4 more; holding and
+    contracting a Jacobian costs JAC_TRAFFIC per element.
+    """
     space = run.space
     p_total = space.size
     steps = req.b - req.a
     t_eff = len(engine.target_labels(req.target)) if req.target.keep_test else 1
     items = len(req.target.items)
+    sel = sum(space.by_name[n].numel for n in req.params)
     nodes = 3 * req.nodes if req.tolerance is not None else req.nodes
-    test_side = steps * nodes * FLOPS_PER_PARAM * p_total * items * max(1, t_eff if t_eff > 1 else 1)
+    rows = len(engine.target_labels(req.target))  # Jacobian rows per node
+    per_item_rows = rows / items if req.target.keep_test else rows
+    test_side = steps * nodes * (items * (2 + 4 * per_item_rows) * p_total + JAC_TRAFFIC * rows * sel)
     costs = {}
     if not req.data:
         costs["delta"] = test_side + steps * 20 * p_total
+        if not req.by_element:  # tangents: each group's share of Δθ and of the decay (and carried momentum)
+            k = req.n_groups * (3 if req.a > 0 else 2)
+            costs["project"] = steps * nodes * items * (2 + 4 * k) * p_total + steps * 20 * p_total
         return costs
     batch = engine.max_batch
-    sel = sum(space.by_name[n].numel for n in req.params)
     n_ex = run.split_size("train") if req.examples is None else len(req.examples)
     frac = min(1.0, n_ex / max(1, run.split_size("train")))
     g = sel if req.by_element else req.n_groups
@@ -154,7 +170,9 @@ def choose_strategy(plan: Plan, run: Run, engine: Engine) -> Plan:
 def chunk_under_budget(plan: Plan, run: Run, engine: Engine, budget: int | None) -> Plan:
     """Split over fold segments, test items, examples and params until each chunk fits."""
     limit = budget or engine_budget.default_budget(engine.device)
-    tree = engine_budget.plan(engine, plan.request, limit)
+    # a batched test-side call may hold 1/8 of the budget (1 to 64 MiB): smaller calls, less memory, more calls
+    req = replace(plan.request, call_bytes=min(64 << 20, max(1 << 20, limit // 8)))
+    tree = engine_budget.plan(engine, req, limit)
     n = _leaves(tree)
     need = _max_leaf_bytes(tree)
     what = (f"{n} chunk{'s' if n != 1 else ''}, largest ≈ {engine_budget.fmt_bytes(need)} "
@@ -199,8 +217,11 @@ def render(plan: Plan, run: Run, engine: Engine, analyzed: dict | None = None) -
     flops = plan.costs.get(strategy, 0.0)
     need = _max_leaf_bytes(plan.chunks) if plan.chunks else 0
     t = req.target
-    quad = (f"Gauss–Legendre {req.nodes}/{2 * req.nodes} nodes, adaptive to {req.tolerance:g}"
-            if req.tolerance is not None else f"Gauss–Legendre {req.nodes} nodes, fixed")
+    quad = (f"Gauss–Legendre {req.nodes} nodes on each half, split at ReLU kinks, adaptive to {req.tolerance:g}"
+            if req.tolerance is not None else f"{'midpoint' if req.rule == 'midpoint' else 'Gauss–Legendre'} "
+                                              f"{req.nodes} nodes, fixed")
+    if req.strategy == "project":
+        quad += "; forward-mode derivatives along each group's Δθ and decay (no φ)"
     keys = ", ".join(b.dims) or "(one row per term)"
     replay = "dense: every state stored" if run.dense else f"replayed from {len(run.ckpt_states)} checkpoints"
     if req.data:
@@ -220,8 +241,10 @@ def render(plan: Plan, run: Run, engine: Engine, analyzed: dict | None = None) -
         f"   ├─ {train}" + _measured(a, "train"),
         f"   └─ Trajectory  steps {req.a}:{req.b} of {run.n_steps}; params {len(req.params)} of "
         f"{len(space.params)} tensors ({sel_elems:,} of {space.size:,} elements); {replay}" + _measured(a, "trajectory"),
-        "passes:",
     ]
+    if plan.distribution is not None:
+        lines.append(plan.distribution.describe(_measured(a, "distributed")))
+    lines.append("passes:")
     lines += [f"  {i + 1}. {name}: {what}" for i, (name, what) in enumerate(plan.decisions)]
     if plan.post_filter:
         lines.append(f"  filter after computing: {plan.post_filter}")

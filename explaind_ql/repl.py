@@ -59,10 +59,11 @@ def statement_complete(text: str) -> bool:
 class Repl:
     """The shell's state and commands over one opened run."""
 
-    def __init__(self, run, fmt: str = "table", params: dict[str, Any] | None = None):
+    def __init__(self, run, fmt: str = "table", params: dict[str, Any] | None = None, scheduler: Any = None):
         self.run = run
         self.fmt = fmt
         self.params = dict(params or {})
+        self.scheduler = scheduler  # a Dask scheduler for influence and kernel queries (None: local)
         self.timer = False
         self.last = None  # the last result frame, for .save
         self.done = False
@@ -107,7 +108,7 @@ class Repl:
     def _query(self, text: str) -> str:
         from .cli import frame_text
         start = time.perf_counter()
-        frame = self.run.query(text, **self.params)
+        frame = self.run.query(text, scheduler=self.scheduler, **self.params)
         elapsed = time.perf_counter() - start
         self.last = frame
         out = frame_text(frame, self.fmt).rstrip("\n")
@@ -171,7 +172,7 @@ class Repl:
     def _explain(self, arg: str) -> str:
         if not arg:
             return "usage: .explain QUERY"
-        return self.run.explain(arg, **self.params)
+        return self.run.explain(arg, scheduler=self.scheduler, **self.params)
 
     def _save(self, arg: str) -> str:
         from .cli import format_from_path, write_frame
@@ -191,7 +192,7 @@ class Repl:
         outputs = []
         for name, query, line in script_queries(text, self.params):
             try:
-                self.last = self.run.query(query, **self.params)
+                self.last = self.run.query(query, scheduler=self.scheduler, **self.params)
             except Exception as exc:
                 outputs.append(f"{arg}, line {line}: {_message(exc)}")
                 break
@@ -267,10 +268,10 @@ def history_path() -> str:
     return os.path.expanduser(os.environ.get(HISTORY_ENV) or DEFAULT_HISTORY)
 
 
-def interact(run_path, fmt: str = "table", params: dict[str, Any] | None = None) -> None:
+def interact(run_path, fmt: str = "table", params: dict[str, Any] | None = None, scheduler: Any = None) -> None:
     """Run the shell on a terminal (prompt_toolkit), or over stdin's lines when piped."""
     from . import open as open_run
-    repl = Repl(open_run(run_path), fmt, params)
+    repl = Repl(open_run(run_path), fmt, params, scheduler)
     if not sys.stdin.isatty():
         _batch(repl)
         return

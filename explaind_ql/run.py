@@ -152,15 +152,18 @@ class Run:
         return {n: torch.from_numpy(np.asarray(self.ds[f"const_{i}"].values)) for i, n in enumerate(names)}
 
     # -- querying (the language lives in explaind_ql.api; imported late to keep `open` light) ----
-    def query(self, text: str, **params):
-        """Run a query on this run (a polars DataFrame): ``run.query("influence on test[0..9] by layer")``."""
-        from .api import query
-        return query(self, text, **params)
+    def query(self, text: str, scheduler=None, **params):
+        """Run a query on this run (a polars DataFrame): ``run.query("influence on test[0..9] by layer")``.
 
-    def explain(self, text: str, **params) -> str:
+        ``scheduler``: run it on a Dask cluster (an address or a ``distributed.Client``).
+        """
+        from .api import query
+        return query(self, text, scheduler=scheduler, **params)
+
+    def explain(self, text: str, scheduler=None, **params) -> str:
         """The plan a query would run, with the planner's decisions and estimates."""
         from .api import explain
-        return explain(self, text, **params)
+        return explain(self, text, scheduler=scheduler, **params)
 
     def build_model(self) -> torch.nn.Module:
         """The model rebuilt from the recorded factory (its own weights are replaced per call)."""

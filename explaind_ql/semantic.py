@@ -48,6 +48,8 @@ class Bound:
     swap_params: tuple[str, ...] = ()
     swap_step: int | None = None
     notes: tuple[str, ...] = field(default=())
+    cluster: str | None = None              # `using cluster "ADDRESS"`: a Dask scheduler
+    device_pinned: bool = False             # the query names its device (else workers use their GPU)
 
 
 def _err(q: Query, msg: str, pos: int, hint: str | None = None) -> SemanticError:
@@ -127,8 +129,12 @@ def _is_classifier(run: Run, split: str) -> bool:
     return not y.is_floating_point() and y.dim() == 1
 
 
-def bind(q: Query, run: Run) -> Bound:
-    """Resolve ``q`` against ``run``, raising SemanticError with a caret on the first problem."""
+def bind(q: Query, run: Run, distributed: bool = False) -> Bound:
+    """Resolve ``q`` against ``run``, raising SemanticError with a caret on the first problem.
+
+    ``distributed``: the query runs on a cluster given outside its text (``scheduler=``), so
+    a CUDA device need only exist on the workers.
+    """
     params = resolve_components(q, q.components, run)
     # target
     if q.target is not None:
@@ -172,11 +178,9 @@ def bind(q: Query, run: Run) -> Bound:
     if q.measure == "similarity" and len(items) < 2:
         raise _err(q, "similarity compares test items with each other: select at least two", tpos)
     opts = q.options.as_dict() if q.options is not None else {}
-    if "cluster" in opts:
-        raise _err(q, "'using cluster' is not available in this version", q.options.pos,
-                   "remove it to run locally")
     device = str(opts.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    remote = distributed or "cluster" in opts
+    if device.startswith("cuda") and not torch.cuda.is_available() and not remote:
         raise _err(q, f"device {device} is not available on this machine", q.options.pos, "use 'device cpu'")
     fixed = "quadrature" in opts
     if fixed and "tolerance" in opts:
@@ -200,4 +204,5 @@ def bind(q: Query, run: Run) -> Bound:
         top=q.top.k if q.top else None, top_abs=bool(q.top and q.top.by_abs), nodes=nodes,
         tolerance=None if fixed else float(opts.get("tolerance", DEFAULT_TOLERANCE)), device=device,
         dtype=getattr(torch, str(opts.get("dtype", "float64"))), budget=opts.get("budget"),
-        eval_steps=eval_steps, swap_params=swap_params, swap_step=swap_step)
+        eval_steps=eval_steps, swap_params=swap_params, swap_step=swap_step,
+        cluster=str(opts["cluster"]) if "cluster" in opts else None, device_pinned="device" in opts)

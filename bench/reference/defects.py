@@ -18,7 +18,6 @@ Sections
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import random
 import sys

@@ -41,11 +41,15 @@ def estimate(req: Request, n_total: int, n_sel: int, n_targets: int, n_train: in
     """Bytes the request holds at its peak."""
     T, G = n_targets, (n_sel if req.by_element else req.n_groups)
     nodes = 3 * req.nodes if req.tolerance is not None else req.nodes
-    b = nodes * T * n_sel * OVERHEAD + 12 * n_total + 3 * req.n_bins * T * G
     strategy = req.choose_strategy()
+    if strategy == "project":  # K tangents of the selection, (K, T) per node: no Jacobian is held
+        k = 3 * G
+        b = k * n_sel * OVERHEAD + nodes * k * T + 12 * n_total + 3 * req.n_bins * T * G
+    else:
+        b = nodes * T * n_sel * OVERHEAD + 12 * n_total + 3 * req.n_bins * T * G
     n_ex = n_train if req.examples is None else len(req.examples)
     e_out = n_ex if req.keep_examples else 1
-    if strategy != "delta":
+    if strategy not in ("delta", "project"):
         b += req.n_bins * T * e_out * G + batch * n_sel * OVERHEAD
     if strategy == "momentum":
         b += 2 * n_ex * n_sel + T * min(batch, n_ex) * (G if G <= 64 else n_sel)

@@ -5,6 +5,10 @@ Three strategies compute the same sum (math.md, Step 3) in different orders:
 ``delta``     model × training queries (no example axis, no example filter): φ_s ⊙ Δθ_s,
               with Δθ_s split into weight decay, carried momentum and the gradient rest.
               No per-example gradient is taken.
+``project``   the same question without φ: each group's share of Δθ_s, of the decay and of
+              the carried momentum is a tangent, and the path integral of the targets'
+              derivatives along those tangents is taken by forward mode. Cheaper than
+              ``delta`` when there are many targets and few groups.
 ``fold``      data queries without a step axis: a backward recurrence folds momentum
               into A_i = Σ_{s≥i} (coefficients) φ_s, and each batch's influence is a
               forward-mode JVP of the per-example losses along A_i.
@@ -33,10 +37,10 @@ from .model_fn import ModelFn
 from .targets import TargetSpec
 from .trajectory import StepRecord, TensorCache, Trajectory
 
-STRATEGIES = ("delta", "fold", "momentum")
+STRATEGIES = ("delta", "project", "fold", "momentum")
 JVP_MAX_TANGENTS = 16
 PHI_CACHE_BYTES = 256 << 20
-JAC_CHUNK_BYTES = 64 << 20  # Jacobians at quadrature nodes held at once
+CALL_BYTES = 16 << 20  # what one batched test-side call (Jacobians or tangents at nodes) may hold
 GROUP_LOOP_MAX = 64
 
 
@@ -66,6 +70,13 @@ class Request:
     strategy: str | None = None
     segment_steps: int | None = None
     rule: str = "gauss"  # fixed-node rule when tolerance is None: "gauss" or "midpoint"
+    call_bytes: int = CALL_BYTES  # what one batched test-side call may hold (the planner sets it from the budget)
+    # one step chunk of a longer query (explaind_ql.distributed): ``window`` is the whole
+    # query's steps (it sets the quadrature error allowance, so chunks integrate as the whole
+    # query would); ``carry_response`` starts the momentum at zero and returns the chunk's
+    # linear response to the momentum entering it (Result.response and the fields after it)
+    window: tuple[int, int] | None = None
+    carry_response: bool = False
 
     @property
     def data(self) -> bool:
@@ -93,6 +104,13 @@ class Result:
     step_actual: torch.Tensor
     step_explained: torch.Tensor
     stats: dict = field(default_factory=dict)
+    # with Request.carry_response (forward strategies): m_in entering the chunk adds
+    # contract(response[bin], transfer-propagated m_in) to each bin; see explaind_ql.distributed
+    response: torch.Tensor | None = None          # (bins, T, P_sel): Σ_s φ_s ⊙ out_coef_s ⊙ Π_{c≤r≤s} a_r
+    transfer: torch.Tensor | None = None          # (P_sel,): Π_s a_s over the chunk
+    decay_momentum: torch.Tensor | None = None    # (P_sel,): decay momentum built up inside the chunk
+    example_momentum: torch.Tensor | None = None  # (E_tracked, P_sel): per-example momentum built up inside
+    momentum_in: torch.Tensor | None = None       # (P_sel,): recorded momentum before the chunk's first step
 
     def total(self) -> torch.Tensor:
         """Sum of every term per target: what the frame's ``influence`` column sums to."""
@@ -107,8 +125,8 @@ class Engine:
         self.fn = ModelFn(run.build_model(), run.space, run.constants, run.loss, self.device, dtype)
         self.traj = Trajectory(run, self.device, dtype)
         self._split_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        theta0 = run.stored_state(0)[0].to(self.device, dtype)
-        self.n_out = int(self.fn.forward(theta0, self.split(run.splits[0])[0][:1]).reshape(1, -1).shape[1])
+        self.theta0 = run.stored_state(0)[0].to(self.device, dtype)
+        self.n_out = int(self.fn.forward(self.theta0, self.split(run.splits[0])[0][:1]).reshape(1, -1).shape[1])
         self.max_batch = int(run.step_var("batch_size").max()) if run.n_steps else 1
 
     def target_labels(self, spec: TargetSpec) -> list[tuple[int | None, int | None]]:
@@ -135,8 +153,12 @@ class Engine:
             raise ValueError(f"unknown strategy {strategy!r}")
         if strategy == "fold" and req.n_bins != 1:
             raise ValueError("the fold strategy keeps no step axis")
-        if strategy == "delta" and req.data:
-            raise ValueError("the delta strategy has no example axis")
+        if strategy in ("delta", "project") and req.data:
+            raise ValueError(f"the {strategy} strategy has no example axis")
+        if strategy == "project" and req.by_element:
+            raise ValueError("the project strategy has no element axis")
+        if req.carry_response and strategy not in ("delta", "momentum"):
+            raise ValueError(f"the {strategy} strategy returns no momentum response")
         ctx = _Context(self, req)
         t0 = time.perf_counter()
         replay0 = self.traj.replayed_steps
@@ -144,7 +166,7 @@ class Engine:
             if strategy == "fold":
                 ctx.run_fold()
             else:
-                ctx.run_forward(per_example=strategy == "momentum")
+                ctx.run_forward(per_example=strategy == "momentum", project=strategy == "project")
         ctx.stats.update(strategy=strategy, seconds=time.perf_counter() - t0,
                          replayed_steps=self.traj.replayed_steps - replay0)
         return ctx.result()
@@ -178,13 +200,13 @@ class _Context:
         items = torch.tensor(req.target.items, device=dev)
         self.x_items = x[items]
         self.target_fn = targets.make(req.target, y[items], eng.run.loss)
-        self.y_items = y[items]
-        one = dataclasses.replace(req.target, keep_test=True)
-        self.item_target = ((lambda out, yi: targets.make(one, yi, eng.run.loss)(out))
-                            if req.target.keep_test and len(req.target.items) > 1 else None)
+        # quadrature lanes: each kept test item on its own (its ReLU kinks refine only it), else one
+        per_item = req.target.keep_test and len(req.target.items) > 1
+        spec = dataclasses.replace(req.target, keep_test=True) if per_item else req.target
+        self.lane_target = lambda out, yl: targets.make(spec, yl, eng.run.loss)(out)
+        self.lane_x = x[items][:, None] if per_item else x[items][None]
+        self.lane_y = y[items][:, None] if per_item else y[items][None]
         self.labels = eng.target_labels(req.target)
-        itemsize = torch.empty((), dtype=dt).element_size()
-        self.max_points = max(1, JAC_CHUNK_BYTES // (4 * itemsize * len(self.labels) * max(1, self.sel.size)))
         self.T = len(self.labels)
         # training examples: output column of every train index (-1: not selected)
         n_train = eng.run.split_size("train")
@@ -208,6 +230,7 @@ class _Context:
         self.step_explained = torch.zeros(n_steps, T, dtype=dt, device=dev)
         self.qstats = quadrature.QuadStats()
         self.stats: dict = {}
+        self.response_out: dict = {}  # Request.carry_response: the Result's response fields
         self.seconds = {"test": 0.0, "trajectory": 0.0}
         self.grown = {"test": 0, "trajectory": 0, "train": 0}  # largest resident growth in one unit of work
         self.bar = progress.Task()
@@ -219,15 +242,16 @@ class _Context:
         req, run = self.req, self.eng.run
         if req.tolerance is None:
             return None
-        lo = run.ckpt_at_or_before(req.a)
-        hi = min(len(run.ckpt_states) - 1, int(torch.searchsorted(torch.as_tensor(run.ckpt_states), req.b)))
+        a, b = req.window or (req.a, req.b)
+        lo = run.ckpt_at_or_before(a)
+        hi = min(len(run.ckpt_states) - 1, int(torch.searchsorted(torch.as_tensor(run.ckpt_states), b)))
         f = [self._f(run.stored_state(p)[0].to(self.eng.device, self.eng.dtype)) for p in (lo, hi)]
         # one absolute allowance for every target, from the largest change: what "relative to the
         # total change" means for the frame (targets that barely move are not refined to noise)
         scale = torch.maximum((f[1] - f[0]).abs().max(), 1e-9 * (1 + f[0].abs().max())).expand_as(f[0])
         # below a few roundings of F the exact-change check measures noise, not quadrature error
         noise = 16 * torch.finfo(self.eng.dtype).eps * (1 + f[0].abs() + f[1].abs())
-        return torch.maximum(req.tolerance * scale / max(1, req.b - req.a), noise)
+        return torch.maximum(req.tolerance * scale / max(1, b - a), noise)
 
     def _f(self, theta: torch.Tensor) -> torch.Tensor:
         return self.target_fn(self.eng.fn.forward(theta, self.x_items))
@@ -245,40 +269,82 @@ class _Context:
             yield rec
             self.bar.advance()
 
-    def phi(self, rec: StepRecord) -> torch.Tensor:
-        """(T, P_sel) path-integrated target gradient, cached per open run and step."""
-        key = ("phi", rec.s, self.req.target, self.req.params, self.req.nodes, self.req.tolerance, self.req.rule,
-               str(self.eng.device), self.eng.dtype)
+    def _cached(self, key: tuple, compute) -> torch.Tensor:
+        """A test-side tensor of one step, cached per open run (queries in a session share them)."""
+        key = key + (self.req.target, self.req.params, self.req.nodes, self.req.tolerance, self.req.rule,
+                     str(self.eng.device), self.eng.dtype)
         cache = self.eng.run.cache.setdefault("phi", TensorCache(PHI_CACHE_BYTES))
         if key in cache:
             self.stats["phi_cache_hits"] = self.stats.get("phi_cache_hits", 0) + 1
             return cache[key]
         t0, rss0 = time.perf_counter(), _rss()
-        phi = self._phi(rec)
+        out = compute()
         self.seconds["test"] += time.perf_counter() - t0
         self.grown["test"] = max(self.grown["test"], _rss() - rss0)
-        cache[key] = phi
-        return phi
+        cache[key] = out
+        return out
 
-    def _phi(self, rec: StepRecord) -> torch.Tensor:
-        theta, delta = rec.theta, rec.delta
-        idx, fn = self.idx, self.eng.fn
+    def _integrate(self, rec: StepRecord, at_rows, along, spread, error, row_bytes: float,
+                   cat_dim: int) -> torch.Tensor:
+        """Quadrature along the step of ``at_rows(points, x, y)``: one row per (node, lane)."""
+        theta, delta, fn = rec.theta, rec.delta, self.eng.fn
+        per_call = max(1, int(self.req.call_bytes // max(1.0, row_bytes)))  # bounded memory per call
 
-        def jac_at(ts: torch.Tensor) -> torch.Tensor:
-            parts = []
-            for chunk in ts.split(self.max_points):  # bounded memory: max_points × T × P_sel at once
-                pts = theta[None] + chunk[:, None] * delta[None]
-                parts.append(fn.jacobian(self.sel, self.target_fn, pts, lambda p: p[:, idx], self.x_items, self.T,
-                                         self.item_target, self.y_items))
-            return torch.cat(parts)
+        def rows(ts: torch.Tensor, lanes: torch.Tensor, f) -> torch.Tensor:
+            return torch.cat([f(theta[None] + t[:, None] * delta[None], self.lane_x[ln], self.lane_y[ln])
+                              for t, ln in zip(ts.split(per_call), lanes.split(per_call))])
 
-        f_at = (lambda t: self._f(theta + t * delta)) if self.all_params else None
-        return quadrature.integrate(jac_at, delta[idx], self.req.nodes, self.budget, rec.s, self.qstats,
-                                    self.eng.dtype, self.eng.device, f_at, self.req.rule)
+        f_at = ((lambda ts, lanes: rows(ts, lanes, lambda p, x, y: fn.lane_values(self.lane_target, p, x, y)))
+                if self.all_params else None)
+        integrand = quadrature.Integrand(lambda ts, lanes: rows(ts, lanes, at_rows), along, error,
+                                         len(self.lane_x), cat_dim, f_at,
+                                         lambda ts, lanes: rows(ts, lanes, lambda p, x, y: fn.lane_preacts(p, x)),
+                                         spread)
+        return quadrature.integrate(integrand, self.req.nodes, self.budget, rec.s, self.qstats, self.eng.dtype,
+                                    self.eng.device, self.req.rule)
 
-    def check_step(self, k: int, rec: StepRecord, phi: torch.Tensor) -> None:
+    def phi(self, rec: StepRecord) -> torch.Tensor:
+        """(T, P_sel) path-integrated target gradient."""
+        idx, fn, d = self.idx, self.eng.fn, rec.delta[self.idx]
+
+        def at_rows(pts: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return fn.lane_jacobian(self.sel, self.lane_target, pts[:, idx], pts, x, y)
+
+        c = self.T / len(self.lane_x)  # targets per lane: one reverse pass and one Jacobian row each
+        row_bytes = fn.itemsize * c * (4 * max(1, self.sel.size) + 3 * self._activations()[0])
+        return self._cached(("phi", rec.s), lambda: self._integrate(
+            rec, at_rows, lambda est: est @ d, lambda est: est.abs() @ d.abs(),
+            lambda c, f: quadrature.beyond_rounding((f - c) @ d, f.abs() @ d.abs()), row_bytes, 0))
+
+    def projections(self, rec: StepRecord, vecs: torch.Tensor) -> torch.Tensor:
+        """(V, G, T): φ_s · (each vector of ``vecs`` restricted to each group), without φ.
+
+        ``vecs[0]`` must be Δθ_s restricted to the selection (the exact-change check uses
+        it). Every projection is held to the tolerance, not only their sum.
+        """
+        idx, fn, G = self.idx, self.eng.fn, self.G
+        onehot = torch.zeros(G, self.sel.size, dtype=vecs.dtype, device=vecs.device)
+        onehot[self.gidx, torch.arange(self.sel.size, device=vecs.device)] = 1
+        tangents = (vecs[:, None, :] * onehot[None]).reshape(-1, self.sel.size)
+
+        def at_rows(pts: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return fn.lane_directional(self.sel, self.lane_target, pts[:, idx], pts, x, y, tangents)
+
+        # forward mode keeps no activations: a few of the largest intermediates, for the primal and each tangent
+        row_bytes = 10 * fn.itemsize * (len(tangents) + 1) * self._activations()[1]
+        key = ("proj", rec.s, self.req.a, self.req.group_of_param, len(vecs))
+        out = self._cached(key, lambda: self._integrate(
+            rec, at_rows, lambda est: est[:G].sum(0), lambda est: est.abs().sum(0),
+            lambda c, f: quadrature.beyond_rounding(f - c, f.abs()).amax(0), row_bytes, 1))
+        return out.reshape(len(vecs), G, -1)
+
+    def _activations(self) -> tuple[int, int]:
+        """(all, largest) intermediate elements of one lane's forward pass (measured once per shape)."""
+        return self.eng.fn.activation_elements(self.eng.theta0, self.lane_x[0])
+
+    def check_step(self, k: int, rec: StepRecord, explained: torch.Tensor) -> None:
         self.step_actual[k] = self._f(rec.theta_next) - self._f(rec.theta)
-        self.step_explained[k] = phi @ rec.delta[self.idx]
+        self.step_explained[k] = explained
 
     # -- contraction helpers -----------------------------------------------------------------
     def contract(self, phi: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
@@ -307,7 +373,7 @@ class _Context:
         return g * (rec.meta.clip * rec.meta.weight)
 
     # -- forward strategies (delta, momentum) ------------------------------------------------
-    def run_forward(self, per_example: bool) -> None:
+    def run_forward(self, per_example: bool, project: bool = False) -> None:
         req, idx = self.req, self.idx
         m_wd = m_carry = m_ex = None
         ex_cols = None
@@ -324,14 +390,25 @@ class _Context:
             if m_wd is None:
                 m_wd = torch.zeros_like(th)
                 m_carry = rec.state_before.momentum.to(self.eng.device, self.eng.dtype)[idx].clone()
+                if req.carry_response:  # the momentum entering the chunk is applied by the caller
+                    self.response_out = {"momentum_in": m_carry, "transfer": torch.ones_like(th),
+                                         "response": th.new_zeros(req.n_bins, self.T, self.sel.size)}
+                    m_carry = torch.zeros_like(th)
             decay_drive = ls.lam_c * th
             m_wd = ls.a * m_wd + ls.b * decay_drive
             m_carry = ls.a * m_carry
             decay = ls.out_coef() * m_wd + ls.direct_coef() * decay_drive - ls.eta * ls.lam_d * th
             carry = ls.out_coef() * m_carry
-            phi = self.phi(rec)
-            self.check_step(k, rec, phi)
             bn = int(self.bin[k])
+            if project:
+                self._project_step(k, bn, rec, decay, carry)
+                continue
+            phi = self.phi(rec)
+            self.check_step(k, rec, phi @ rec.delta[idx])
+            if req.carry_response:
+                resp = self.response_out
+                resp["transfer"] = ls.a * resp["transfer"]
+                resp["response"][bn] += phi * (ls.out_coef() * resp["transfer"])
             self.wd[bn] += self.contract(phi, decay)
             self.mom[bn] += self.contract(phi, carry)
             if not per_example:
@@ -349,6 +426,21 @@ class _Context:
                 x_now = ls.out_coef() * m_ex
             contrib = self.contract(phi, x_now)  # (T, E_tracked, G)
             self.grad[bn].index_add_(1, ex_cols, contrib)
+        if req.carry_response:
+            self.response_out.update(decay_momentum=m_wd, example_momentum=m_ex)
+
+    def _project_step(self, k: int, bn: int, rec: StepRecord, decay: torch.Tensor, carry: torch.Tensor) -> None:
+        """One step of the project strategy: the terms straight from the projections."""
+        has_carry = bool(carry.any())
+        vecs = torch.stack([rec.delta[self.idx], decay] + ([carry] if has_carry else []))
+        proj = self.projections(rec, vecs).transpose(1, 2)  # (V, T, G)
+        self.check_step(k, rec, proj[0].sum(1))
+        self.wd[bn] += proj[1]
+        rest = proj[0] - proj[1]
+        if has_carry:
+            self.mom[bn] += proj[2]
+            rest = rest - proj[2]
+        self.grad[bn, :, 0] += rest
 
     # -- backward strategy (fold) ------------------------------------------------------------
     def run_fold(self) -> None:
@@ -368,7 +460,7 @@ class _Context:
                 if rec.s == req.a:
                     m0 = rec.state_before.momentum.to(self.eng.device, self.eng.dtype)[self.idx]
                 phi = self.phi(rec)
-                self.check_step(rec.s - req.a, rec, phi)
+                self.check_step(rec.s - req.a, rec, phi @ rec.delta[self.idx])
                 rec.state_before = None
                 records.append((rec, rec.linear.take(self.idx), phi))
             for rec, ls, phi in reversed(records):
@@ -414,7 +506,8 @@ class _Context:
                           test_bytes=self.grown["test"], trajectory_bytes=self.grown["trajectory"],
                           train_bytes=self.grown["train"],
                           evaluations=self.qstats.evaluations, refined_steps=self.qstats.refined_steps,
+                          kinks=self.qstats.kinks,
                           unconverged_steps=list(self.qstats.unconverged))
         return Result(self.grad, self.wd, self.mom, self.labels, self.example_ids.cpu(),
                       self.step_actual.sum(0), self.step_explained.sum(0), self.step_actual,
-                      self.step_explained, self.stats)
+                      self.step_explained, self.stats, **self.response_out)
