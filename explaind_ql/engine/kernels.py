@@ -288,18 +288,21 @@ class _Context:
                    cat_dim: int) -> torch.Tensor:
         """Quadrature along the step of ``at_rows(points, x, y)``: one row per (node, lane)."""
         theta, delta, fn = rec.theta, rec.delta, self.eng.fn
-        per_call = max(1, int(self.req.call_bytes // max(1.0, row_bytes)))  # bounded memory per call
+        # bounded memory per call: derivative rows as estimated, forward-only rows a few activations each
+        per_call = max(1, int(self.req.call_bytes // max(1.0, row_bytes)))
+        per_forward = max(1, int(self.req.call_bytes // (10 * fn.itemsize * max(1, self._activations()[1]))))
 
-        def rows(ts: torch.Tensor, lanes: torch.Tensor, f) -> torch.Tensor:
+        def rows(ts: torch.Tensor, lanes: torch.Tensor, f, per: int) -> torch.Tensor:
             return torch.cat([f(theta[None] + t[:, None] * delta[None], self.lane_x[ln], self.lane_y[ln])
-                              for t, ln in zip(ts.split(per_call), lanes.split(per_call))])
+                              for t, ln in zip(ts.split(per), lanes.split(per))])
 
-        f_at = ((lambda ts, lanes: rows(ts, lanes, lambda p, x, y: fn.lane_values(self.lane_target, p, x, y)))
-                if self.all_params else None)
-        integrand = quadrature.Integrand(lambda ts, lanes: rows(ts, lanes, at_rows), along, error,
+        def forward_rows(f):
+            return lambda ts, lanes: rows(ts, lanes, f, per_forward)
+
+        f_at = forward_rows(lambda p, x, y: fn.lane_values(self.lane_target, p, x, y)) if self.all_params else None
+        integrand = quadrature.Integrand(lambda ts, lanes: rows(ts, lanes, at_rows, per_call), along, error,
                                          len(self.lane_x), cat_dim, f_at,
-                                         lambda ts, lanes: rows(ts, lanes, lambda p, x, y: fn.lane_preacts(p, x)),
-                                         spread)
+                                         forward_rows(lambda p, x, y: fn.lane_preacts(p, x)), spread)
         return quadrature.integrate(integrand, self.req.nodes, self.budget, rec.s, self.qstats, self.eng.dtype,
                                     self.eng.device, self.req.rule)
 

@@ -18,6 +18,7 @@ import torch
 MAX_SPLITS = 256
 MAX_KINKS = 64  # ReLU crossings placed per lane and step; beyond that the adaptive rule alone refines
 KINK_ITERATIONS = 30
+KINK_RESOLUTION = 1e-12
 PIECES_BYTES = 256 << 20  # live pieces keep their (T, P) estimates: refinement is capped to fit this
 
 
@@ -113,9 +114,10 @@ def breakpoints(preacts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], l
         c = (b - fb * (b - a) / (fb - fa)).clamp(0, 1)
         fc = preacts(c, lane)[torch.arange(len(lane), device=device), unit].to(dtype)
         flip = fc * fb < 0
+        moved = (c - b).abs()
         a, fa = torch.where(flip, b, a), torch.where(flip, fb, fa / 2)  # Illinois: halve the kept end
         b, fb = c, fc
-        if bool((((b - a).abs() < 1e-13) | (fc == 0)).all()):
+        if bool(((moved < KINK_RESOLUTION) | (fc == 0)).all()):  # a cut this close costs |jump|·1e-12
             break
     stats.kinks += len(lane)
     for ln_, t in zip(lane.tolist(), b.tolist()):
