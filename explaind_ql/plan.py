@@ -118,7 +118,8 @@ def aggregate_tests(plan: Plan, run: Run) -> Plan:
         return plan.decide("test aggregation", f"kept: {len(t.items)} test items are an axis of the result")
     req = replace(plan.request, target=replace(t, keep_test=False))
     return plan.decide("test aggregation", f"{len(t.items)} test items summed inside the target: "
-                                           "one gradient per quadrature node", request=req)
+                                           "one gradient per quadrature node (models with ReLU kinks: each "
+                                           "item integrated on its own, then summed)", request=req)
 
 
 def estimate_costs(req: Request, run: Run, engine: Engine) -> dict[str, float]:

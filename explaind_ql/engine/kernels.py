@@ -200,8 +200,12 @@ class _Context:
         items = torch.tensor(req.target.items, device=dev)
         self.x_items = x[items]
         self.target_fn = targets.make(req.target, y[items], eng.run.loss)
-        # quadrature lanes: each kept test item on its own (its ReLU kinks refine only it), else one
-        per_item = req.target.keep_test and len(req.target.items) > 1
+        # quadrature lanes: each test item on its own when items are kept, or when the model has ReLU
+        # kinks (an item's kinks then cut only its own steps; aggregated targets are summed afterwards);
+        # else one lane of all items, which takes one gradient of the summed target per node
+        kinked = eng.fn.lane_preacts(eng.theta0[None], x[items][:1][None]).shape[1] > 0
+        per_item = len(req.target.items) > 1 and (req.target.keep_test or kinked)
+        self.sum_lanes = per_item and not req.target.keep_test
         spec = dataclasses.replace(req.target, keep_test=True) if per_item else req.target
         self.lane_target = lambda out, yl: targets.make(spec, yl, eng.run.loss)(out)
         self.lane_x = x[items][:, None] if per_item else x[items][None]
@@ -303,8 +307,14 @@ class _Context:
         integrand = quadrature.Integrand(lambda ts, lanes: rows(ts, lanes, at_rows, per_call), along, error,
                                          len(self.lane_x), cat_dim, f_at,
                                          forward_rows(lambda p, x, y: fn.lane_preacts(p, x)), spread)
-        return quadrature.integrate(integrand, self.req.nodes, self.budget, rec.s, self.qstats, self.eng.dtype,
-                                    self.eng.device, self.req.rule)
+        L = len(self.lane_x)
+        if not self.sum_lanes:
+            return quadrature.integrate(integrand, self.req.nodes, self.budget, rec.s, self.qstats, self.eng.dtype,
+                                        self.eng.device, self.req.rule)
+        budget = None if self.budget is None else (self.budget / L).repeat(L)  # each item its share
+        out = quadrature.integrate(integrand, self.req.nodes, budget, rec.s, self.qstats, self.eng.dtype,
+                                   self.eng.device, self.req.rule)
+        return out.unflatten(cat_dim, (L, -1)).sum(cat_dim)  # linearity: Σ_x ∫∇F_x = ∫∇Σ_x F_x
 
     def phi(self, rec: StepRecord) -> torch.Tensor:
         """(T, P_sel) path-integrated target gradient."""
@@ -313,7 +323,7 @@ class _Context:
         def at_rows(pts: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return fn.lane_jacobian(self.sel, self.lane_target, pts[:, idx], pts, x, y)
 
-        c = self.T / len(self.lane_x)  # targets per lane: one reverse pass and one Jacobian row each
+        c = self.T if self.sum_lanes else self.T / len(self.lane_x)  # targets per lane: a reverse pass each
         row_bytes = fn.itemsize * c * (4 * max(1, self.sel.size) + 3 * self._activations()[0])
         return self._cached(("phi", rec.s), lambda: self._integrate(
             rec, at_rows, lambda est: est @ d, lambda est: est.abs() @ d.abs(),

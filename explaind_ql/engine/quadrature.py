@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 MAX_SPLITS = 256
-MAX_KINKS = 64  # ReLU crossings placed per lane and step; beyond that the adaptive rule alone refines
+MAX_KINKS = 4096  # ReLU crossings placed per lane and step; beyond that the adaptive rule alone refines
 KINK_ITERATIONS = 30
 KINK_RESOLUTION = 1e-12
 PIECES_BYTES = 256 << 20  # live pieces keep their (T, P) estimates: refinement is capped to fit this
