@@ -43,7 +43,7 @@ import torch
 
 from . import progress
 from .engine import budget as engine_budget
-from .engine.kernels import GROUP_LOOP_MAX, Engine, Request, Result
+from .engine.kernels import Engine, Groups, Request, Result
 from .errors import ClusterError, ExplaindError
 from .run import Run
 
@@ -261,30 +261,6 @@ def run_chunk(path: str, req: Request, device: str | None, dtype: torch.dtype) -
 
 # ------------------------------------------------------------------------------ client side
 
-class _Groups:
-    """Each selected element's output group, and the contraction of the engine (kernels._Context)."""
-
-    def __init__(self, run: Run, req: Request):
-        sel = run.space.subspace(list(req.params))
-        if req.by_element:
-            self.gidx, self.G = torch.arange(sel.size), sel.size
-        else:
-            order = {n: i for i, n in enumerate(req.params)}
-            self.gidx = torch.cat([torch.full((p.numel,), req.group_of_param[order[p.name]], dtype=torch.long)
-                                   for p in sel.params])
-            self.G = req.n_groups
-        self.masks = ([torch.nonzero(self.gidx == g).flatten() for g in range(self.G)]
-                      if self.G <= GROUP_LOOP_MAX else None)
-
-    def contract(self, w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """Σ over each group of w ⊙ m: (T,P)×(P) → (T,G); (T,P)×(E,P) → (T,E,G)."""
-        if m.dim() == 1:
-            return w.new_zeros(w.shape[0], self.G).index_add_(1, self.gidx, w * m)
-        if self.masks is not None:
-            return torch.stack([w[:, k] @ m[:, k].T for k in self.masks], dim=-1)
-        return w.new_zeros(w.shape[0], m.shape[0], self.G).index_add_(2, self.gidx, w[:, None, :] * m[None])
-
-
 def _example_columns(run: Run, req: Request) -> torch.Tensor:
     """Output column of each tracked example (as the momentum strategy assigns them)."""
     n_train = run.split_size("train")
@@ -299,7 +275,7 @@ def compose(run: Run, req: Request, parts: Iterable[tuple[Result, list[int]]]) -
 
     Adds, per chunk, the contraction of its momentum response with the momenta entering it.
     """
-    groups = _Groups(run, req)
+    groups = Groups(run.space.subspace(list(req.params)), req, "cpu")
     contract = groups.contract
     grad = wd = mom = m_carry = m_wd = m_ex = ex_cols = None
     first, actual, explained, stats = None, [], [], []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
@@ -114,21 +115,26 @@ def test_completion_of_paths(repl, tmp_path):
 
 # ------------------------------------------------------------------------------ the terminal
 
-def _spawn(run_path: str, history):
+@contextlib.contextmanager
+def _shell(run_path: str, history):
+    """The installed `explaind-ql repl` in a pseudo-terminal; it must have exited cleanly at the end."""
     pexpect = pytest.importorskip("pexpect")
     env = {**os.environ, "EXPLAIND_QL_HISTORY": str(history), "PROMPT_TOOLKIT_NO_CPR": "1",
            "OMP_NUM_THREADS": "1", "TERM": "xterm"}
     child = pexpect.spawn("explaind-ql", ["repl", run_path], env=env, dimensions=(40, 200), encoding="utf-8",
                           timeout=90)
-    child.expect("eql>")
-    return child
+    try:
+        child.expect("eql>")
+        yield child
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
 
 
 def test_shell_in_a_pseudo_terminal(run_path, tmp_path):
     pexpect = pytest.importorskip("pexpect")
     history = tmp_path / "history"
-    child = _spawn(run_path, history)
-    try:
+    with _shell(run_path, history) as child:
         # a query over two lines: Enter without ';' continues it
         child.send("influence on test[0..1]\r")
         child.expect(r"\.\.\.>")
@@ -159,14 +165,10 @@ def test_shell_in_a_pseudo_terminal(run_path, tmp_path):
         # Ctrl-D leaves
         child.sendcontrol("d")
         child.expect(pexpect.EOF)
-    finally:
-        child.close(force=True)
-    assert child.exitstatus == 0
     assert "check on test[0];" in history.read_text()
 
     # history survives a restart: Up recalls the last query
-    child = _spawn(run_path, history)
-    try:
+    with _shell(run_path, history) as child:
         child.send("\x1b[A")
         time.sleep(0.3)
         child.send("\r")
@@ -174,9 +176,6 @@ def test_shell_in_a_pseudo_terminal(run_path, tmp_path):
         child.expect("eql>")
         child.send(".quit\r")
         child.expect(pexpect.EOF)
-    finally:
-        child.close(force=True)
-    assert child.exitstatus == 0
 
 
 # ------------------------------------------------------------------------------ progress

@@ -252,9 +252,10 @@ def sec_crash():
     def fresh_loader():  # DataPath mutates dataset.targets in place, so every DataPath needs a fresh dataset
         return torch.utils.data.DataLoader(ClassificationDataset(tx, ty), batch_size=20)
 
-    def p13_default_outdim():
+    def train_and_predict(model, **path_kw):
+        """The reference's own loop: one epoch of mini-batches, then its decomposition."""
         loader = fresh_loader()
-        mp = ModelPath(SingleLayerTransformerClassifier(15, d_model=16, dim_mlp=32), device="cpu", overwrite=True)
+        mp = ModelPath(model, device="cpu", overwrite=True, **path_kw)
         op = AdamWOptimizerPath(mp, checkpoints=[], device="cpu")
         dp = DataPath(loader, full_batch=False, overwrite=True)
         for batch in loader:
@@ -266,24 +267,12 @@ def sec_crash():
             op.log_checkpoint()
         ExactPathKernelModel(model=mp, optimizer=op, loss_fn=RegularizedCrossEntropyLoss(alpha=0.0), data_path=dp,
                              device="cpu", keep_param_wise_kernel=True).predict(ClassificationDataset(vx, vy).data)
-    attempt("p=13 with ModelPath's default output_dim=115", p13_default_outdim)
 
-    def f64():
-        loader = fresh_loader()
-        mp = ModelPath(SingleLayerTransformerClassifier(15, d_model=16, dim_mlp=32).double(), device="cpu",
-                       overwrite=True, output_dim=15)
-        op = AdamWOptimizerPath(mp, checkpoints=[], device="cpu")
-        dp = DataPath(loader, full_batch=False, overwrite=True)
-        for batch in loader:
-            x, y = dp.get_batch(batch)
-            op.zero_grad()
-            torch.nn.functional.nll_loss(mp.forward(x), y).backward()
-            op.step()
-            mp.log_checkpoint()
-            op.log_checkpoint()
-        ExactPathKernelModel(model=mp, optimizer=op, loss_fn=RegularizedCrossEntropyLoss(alpha=0.0), data_path=dp,
-                             device="cpu", keep_param_wise_kernel=True).predict(ClassificationDataset(vx, vy).data)
-    attempt("float64 model (stock ModelPath)", f64)
+    attempt("p=13 with ModelPath's default output_dim=115",
+            lambda: train_and_predict(SingleLayerTransformerClassifier(15, d_model=16, dim_mlp=32)))
+    attempt("float64 model (stock ModelPath)",
+            lambda: train_and_predict(SingleLayerTransformerClassifier(15, d_model=16, dim_mlp=32).double(),
+                                      output_dim=15))
 
     def datapath_twice():
         loader = fresh_loader()

@@ -172,6 +172,32 @@ class Engine:
         return ctx.result()
 
 
+class Groups:
+    """The output group of each selected element, and the per-group contraction of the terms.
+
+    Shared by the engine and by the client that composes distributed chunks.
+    """
+
+    def __init__(self, sel: ParamSpace, req: Request, device):
+        if req.by_element:
+            self.gidx, self.G = torch.arange(sel.size, device=device), sel.size
+        else:
+            order = {n: i for i, n in enumerate(req.params)}
+            self.gidx = torch.cat([torch.full((p.numel,), req.group_of_param[order[p.name]], dtype=torch.long)
+                                   for p in sel.params]).to(device)
+            self.G = req.n_groups
+        self.masks = ([torch.nonzero(self.gidx == g).flatten() for g in range(self.G)]
+                      if self.G <= GROUP_LOOP_MAX else None)
+
+    def contract(self, phi: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        """Σ over each group's elements of φ ⊙ vec: (T,P)×(P) → (T,G); (T,P)×(E,P) → (T,E,G)."""
+        if vec.dim() == 1:
+            return phi.new_zeros(phi.shape[0], self.G).index_add_(1, self.gidx, phi * vec)
+        if self.masks is not None:
+            return torch.stack([phi[:, m] @ vec[:, m].T for m in self.masks], dim=-1)
+        return phi.new_zeros(phi.shape[0], vec.shape[0], self.G).index_add_(2, self.gidx, phi[:, None, :] * vec[None])
+
+
 def _rss() -> int:
     return psutil.Process().memory_info().rss
 
@@ -186,16 +212,8 @@ class _Context:
         self.sel = space.subspace(list(req.params))
         self.idx = space.element_index(self.sel).to(dev)
         self.all_params = self.sel.size == space.size
-        if req.by_element:
-            self.gidx = torch.arange(self.sel.size, device=dev)
-            self.G = self.sel.size
-        else:
-            order = {n: i for i, n in enumerate(req.params)}
-            self.gidx = torch.cat([torch.full((p.numel,), req.group_of_param[order[p.name]], dtype=torch.long)
-                                   for p in self.sel.params]).to(dev)
-            self.G = req.n_groups
-        self.masks = ([torch.nonzero(self.gidx == g).flatten() for g in range(self.G)]
-                      if self.G <= GROUP_LOOP_MAX else None)
+        self.groups = Groups(self.sel, req, dev)
+        self.gidx, self.G, self.masks = self.groups.gidx, self.groups.G, self.groups.masks
         x, y = eng.split(req.target.split)
         items = torch.tensor(req.target.items, device=dev)
         self.x_items = x[items]
@@ -361,14 +379,7 @@ class _Context:
 
     # -- contraction helpers -----------------------------------------------------------------
     def contract(self, phi: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-        """Σ over each group's elements of φ ⊙ vec: (T,P)×(P) → (T,G); (T,P)×(E,P) → (T,E,G)."""
-        G = self.G
-        if vec.dim() == 1:
-            return torch.zeros(phi.shape[0], G, dtype=phi.dtype, device=phi.device).index_add_(1, self.gidx, phi * vec)
-        if self.masks is not None:
-            return torch.stack([phi[:, m] @ vec[:, m].T for m in self.masks], dim=-1)
-        out = torch.zeros(phi.shape[0], vec.shape[0], G, dtype=phi.dtype, device=phi.device)
-        return out.index_add_(2, self.gidx, phi[:, None, :] * vec[None])
+        return self.groups.contract(phi, vec)
 
     def batch_examples(self, rec: StepRecord) -> tuple[torch.Tensor, torch.Tensor]:
         """Selected examples of the step's batch (train indices) and their output columns."""
