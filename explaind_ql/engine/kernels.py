@@ -221,8 +221,8 @@ class _Context:
         # quadrature lanes: each test item on its own when items are kept, or when the model has ReLU
         # kinks (an item's kinks then cut only its own steps; aggregated targets are summed afterwards);
         # else one lane of all items, which takes one gradient of the summed target per node
-        kinked = eng.fn.lane_preacts(eng.theta0[None], x[items][:1][None]).shape[1] > 0
-        per_item = len(req.target.items) > 1 and (req.target.keep_test or kinked)
+        self.kinked = eng.fn.lane_preacts(eng.theta0[None], x[items][:1][None]).shape[1] > 0
+        per_item = len(req.target.items) > 1 and (req.target.keep_test or self.kinked)
         self.sum_lanes = per_item and not req.target.keep_test
         spec = dataclasses.replace(req.target, keep_test=True) if per_item else req.target
         self.lane_target = lambda out, yl: targets.make(spec, yl, eng.run.loss)(out)
@@ -324,7 +324,8 @@ class _Context:
         f_at = forward_rows(lambda p, x, y: fn.lane_values(self.lane_target, p, x, y)) if self.all_params else None
         integrand = quadrature.Integrand(lambda ts, lanes: rows(ts, lanes, at_rows, per_call), along, error,
                                          len(self.lane_x), cat_dim, f_at,
-                                         forward_rows(lambda p, x, y: fn.lane_preacts(p, x)), spread)
+                                         forward_rows(lambda p, x, y: fn.lane_preacts(p, x)) if self.kinked else None,
+                                         spread)
         L = len(self.lane_x)
         if not self.sum_lanes:
             return quadrature.integrate(integrand, self.req.nodes, self.budget, rec.s, self.qstats, self.eng.dtype,
