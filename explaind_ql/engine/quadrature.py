@@ -43,7 +43,6 @@ class QuadStats:
     evaluations: int = 0
     refined_steps: int = 0
     kinks: int = 0
-    kinks_skipped: int = 0
     unconverged: list[int] = field(default_factory=list)
     max_error: float = 0.0
 
@@ -106,7 +105,6 @@ def breakpoints(preacts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], l
     if len(lane) == 0:
         return cuts
     if len(lane) > MAX_KINKS * lanes:  # too many to place: leave them to the adaptive rule
-        stats.kinks_skipped += 1
         return cuts
     a, b = torch.zeros(len(lane), dtype=dtype, device=device), torch.ones(len(lane), dtype=dtype, device=device)
     fa, fb = z0[lane, unit].to(dtype), z1[lane, unit].to(dtype)
