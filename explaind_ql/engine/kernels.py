@@ -33,11 +33,12 @@ from ..optim import LinearStep
 from ..params import ParamSpace
 from ..run import Run
 from . import quadrature, targets
-from .model_fn import ModelFn
+from .model_fn import ModelFn, Path
 from .targets import TargetSpec
 from .trajectory import StepRecord, TensorCache, Trajectory
 
 STRATEGIES = ("delta", "project", "fold", "momentum")
+ROWS_PER_CALL = 32  # by then a batched call's fixed cost (ms of dispatch) is mostly amortised; more rows cost memory
 JVP_MAX_TANGENTS = 16
 PHI_CACHE_BYTES = 256 << 20
 CALL_BYTES = 16 << 20  # what one batched test-side call (Jacobians or tangents at nodes) may hold
@@ -183,8 +184,9 @@ class Groups:
             self.gidx, self.G = torch.arange(sel.size, device=device), sel.size
         else:
             order = {n: i for i, n in enumerate(req.params)}
-            self.gidx = torch.cat([torch.full((p.numel,), req.group_of_param[order[p.name]], dtype=torch.long)
-                                   for p in sel.params]).to(device)
+            self.per_param = [req.group_of_param[order[p.name]] for p in sel.params]
+            self.gidx = torch.cat([torch.full((p.numel,), g, dtype=torch.long)
+                                   for p, g in zip(sel.params, self.per_param)]).to(device)
             self.G = req.n_groups
         self.masks = ([torch.nonzero(self.gidx == g).flatten() for g in range(self.G)]
                       if self.G <= GROUP_LOOP_MAX else None)
@@ -221,7 +223,8 @@ class _Context:
         # quadrature lanes: each test item on its own when items are kept, or when the model has ReLU
         # kinks (an item's kinks then cut only its own steps; aggregated targets are summed afterwards);
         # else one lane of all items, which takes one gradient of the summed target per node
-        self.kinked = eng.fn.lane_preacts(eng.theta0[None], x[items][:1][None]).shape[1] > 0
+        still = eng.fn.path(eng.theta0, torch.zeros_like(eng.theta0))
+        self.kinked = still.preacts(eng.theta0.new_zeros(1), x[items][:1][None]).shape[1] > 0
         per_item = len(req.target.items) > 1 and (req.target.keep_test or self.kinked)
         self.sum_lanes = per_item and not req.target.keep_test
         spec = dataclasses.replace(req.target, keep_test=True) if per_item else req.target
@@ -306,26 +309,24 @@ class _Context:
         cache[key] = out
         return out
 
-    def _integrate(self, rec: StepRecord, at_rows, along, spread, error, row_bytes: float,
+    def _integrate(self, rec: StepRecord, path: Path, at_rows, along, spread, error, row_bytes: float,
                    cat_dim: int) -> torch.Tensor:
-        """Quadrature along the step of ``at_rows(points, x, y)``: one row per (node, lane)."""
-        theta, delta, fn = rec.theta, rec.delta, self.eng.fn
+        """Quadrature along the step of ``at_rows(ts, x, y)``: one row per (node t, lane)."""
+        fn = self.eng.fn
         # bounded memory per call: derivative rows as estimated, forward-only rows a few activations each
-        per_call = max(1, int(self.req.call_bytes // max(1.0, row_bytes)))
+        per_call = max(1, min(ROWS_PER_CALL, int(self.req.call_bytes // max(1.0, row_bytes))))
         per_forward = max(1, int(self.req.call_bytes // (10 * fn.itemsize * max(1, self._activations()[1]))))
 
         def rows(ts: torch.Tensor, lanes: torch.Tensor, f, per: int) -> torch.Tensor:
-            return torch.cat([f(theta[None] + t[:, None] * delta[None], self.lane_x[ln], self.lane_y[ln])
-                              for t, ln in zip(ts.split(per), lanes.split(per))])
+            return torch.cat([f(t, self.lane_x[ln], self.lane_y[ln]) for t, ln in zip(ts.split(per), lanes.split(per))])
 
         def forward_rows(f):
             return lambda ts, lanes: rows(ts, lanes, f, per_forward)
 
-        f_at = forward_rows(lambda p, x, y: fn.lane_values(self.lane_target, p, x, y)) if self.all_params else None
+        f_at = forward_rows(lambda t, x, y: path.values(self.lane_target, t, x, y)) if self.all_params else None
+        preacts = forward_rows(lambda t, x, y: path.preacts(t, x)) if self.kinked else None
         integrand = quadrature.Integrand(lambda ts, lanes: rows(ts, lanes, at_rows, per_call), along, error,
-                                         len(self.lane_x), cat_dim, f_at,
-                                         forward_rows(lambda p, x, y: fn.lane_preacts(p, x)) if self.kinked else None,
-                                         spread)
+                                         len(self.lane_x), cat_dim, f_at, preacts, spread)
         L = len(self.lane_x)
         if not self.sum_lanes:
             return quadrature.integrate(integrand, self.req.nodes, self.budget, rec.s, self.qstats, self.eng.dtype,
@@ -339,13 +340,14 @@ class _Context:
         """(T, P_sel) path-integrated target gradient."""
         idx, fn, d = self.idx, self.eng.fn, rec.delta[self.idx]
 
-        def at_rows(pts: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def at_rows(ts: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            pts = rec.theta[None] + ts[:, None] * rec.delta[None]
             return fn.lane_jacobian(self.sel, self.lane_target, pts[:, idx], pts, x, y)
 
         c = self.T if self.sum_lanes else self.T / len(self.lane_x)  # targets per lane: a reverse pass each
         row_bytes = fn.itemsize * c * (4 * max(1, self.sel.size) + 3 * self._activations()[0])
         return self._cached(("phi", rec.s), lambda: self._integrate(
-            rec, at_rows, lambda est: est @ d, lambda est: est.abs() @ d.abs(),
+            rec, fn.path(rec.theta, rec.delta), at_rows, lambda est: est @ d, lambda est: est.abs() @ d.abs(),
             lambda c, f: quadrature.beyond_rounding((f - c) @ d, f.abs() @ d.abs()), row_bytes, 0))
 
     def projections(self, rec: StepRecord, vecs: torch.Tensor) -> torch.Tensor:
@@ -354,20 +356,22 @@ class _Context:
         ``vecs[0]`` must be Δθ_s restricted to the selection (the exact-change check uses
         it). Every projection is held to the tolerance, not only their sum.
         """
-        idx, fn, G = self.idx, self.eng.fn, self.G
-        onehot = torch.zeros(G, self.sel.size, dtype=vecs.dtype, device=vecs.device)
-        onehot[self.gidx, torch.arange(self.sel.size, device=vecs.device)] = 1
-        tangents = (vecs[:, None, :] * onehot[None]).reshape(-1, self.sel.size)
+        fn, G = self.eng.fn, self.G
+        C = self.T if self.sum_lanes else self.T // len(self.lane_x)  # targets per lane
 
-        def at_rows(pts: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return fn.lane_directional(self.sel, self.lane_target, pts[:, idx], pts, x, y, tangents)
+        # a row keeps its forward pass, and a few of the largest intermediates per target (reverse
+        # mode) or per direction (forward mode)
+        every, largest = self._activations()
+        passes = 4 * C if C <= len(vecs) * G else 10 * len(vecs) * G
+        row_bytes = fn.itemsize * (every + passes * largest)
 
-        # forward mode keeps no activations: a few of the largest intermediates, for the primal and each tangent
-        row_bytes = 10 * fn.itemsize * (len(tangents) + 1) * self._activations()[1]
-        key = ("proj", rec.s, self.req.a, self.req.group_of_param, len(vecs))
-        out = self._cached(key, lambda: self._integrate(
-            rec, at_rows, lambda est: est[:G].sum(0), lambda est: est.abs().sum(0),
-            lambda c, f: quadrature.beyond_rounding(f - c, f.abs()).amax(0), row_bytes, 1))
+        def integrate() -> torch.Tensor:
+            path = fn.path(rec.theta, rec.delta, self.sel, vecs, self.groups.per_param)
+            return self._integrate(
+                rec, path, lambda ts, x, y: path.projections(self.lane_target, ts, x, y, G, C).flatten(1, 2),
+                lambda est: est[:G].sum(0), lambda est: est.abs().sum(0),
+                lambda c, f: quadrature.beyond_rounding(f - c, f.abs()).amax(0), row_bytes, 1)
+        out = self._cached(("proj", rec.s, self.req.a, self.req.group_of_param, len(vecs)), integrate)
         return out.reshape(len(vecs), G, -1)
 
     def _activations(self) -> tuple[int, int]:

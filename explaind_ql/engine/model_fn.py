@@ -10,8 +10,10 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.func import functional_call, grad, jvp, vmap
+import torch.nn.functional as F
+from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves, tree_map
 
 from ..losses import LossSpec
 from ..params import ParamSpace
@@ -51,6 +53,78 @@ class _Sizes(TorchFunctionMode):
             if isinstance(t, torch.Tensor) and not t._is_view():  # views allocate nothing
                 self.elements += t.numel()
                 self.largest = max(self.largest, t.numel())
+        return out
+
+
+class _AlongPath(TorchFunctionMode):
+    """Runs the model at θ_s + tΔθ with each group's share of V vectors entering as scalars α[g, v].
+
+    Every layer is linear in its own weight W, so op(W_s + tΔW + Σ_v α_gv V_v) =
+    op(W_s) + t·op(ΔW) + Σ_v α_gv·op(V_v), and ∂F/∂α_gv at α = 0 is exactly ∇F · (V_v on
+    group g). Rows of a batched call then share the weights (no rows × directions copies of
+    them, which dominate memory and time otherwise), and a derivative costs activations
+    only. The α-terms read their input detached: at α = 0 its dependence on α adds nothing.
+    Ops without a rule here get the weight materialised per row, which is exact, only slower.
+    """
+
+    # func → {position of a param argument: the op's part linear in that argument, given D in its place}
+    RULES = {
+        F.linear: {1: lambda a, D: F.linear(a[0], D), 2: lambda a, D: D},
+        F.embedding: {1: lambda a, D: F.embedding(a[0], D, *a[2:])},
+        F.conv1d: {1: lambda a, D: F.conv1d(a[0], D, None, *a[3:]), 2: lambda a, D: D[:, None]},
+        F.conv2d: {1: lambda a, D: F.conv2d(a[0], D, None, *a[3:]), 2: lambda a, D: D[:, None, None]},
+        F.layer_norm: {2: lambda a, D: F.layer_norm(a[0], a[1], D, None, *a[4:]), 3: lambda a, D: D},
+    }
+    SIGNATURES = {F.linear: ("input", "weight", "bias"),
+                  F.embedding: ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
+                                "sparse"),
+                  F.conv1d: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+                  F.conv2d: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+                  F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps")}
+
+    def __init__(self, info: dict[int, tuple], t: torch.Tensor, alpha: torch.Tensor | None):
+        super().__init__()
+        self.info, self.t, self.alpha = info, t, alpha  # info: id(W_s) → (group, ΔW, V stacked or None)
+
+    def _moved(self, w: torch.Tensor) -> torch.Tensor:
+        g, dw, vs = self.info[id(w)]
+        if vs is None or self.alpha is None:
+            return w + self.t * dw
+        return w + self.t * dw + (self.alpha[g] @ vs.flatten(1)).view_as(w)
+
+    def _terms(self, part, a: list, w: torch.Tensor) -> torch.Tensor:
+        g, dw, vs = self.info[id(w)]
+        out = self.t * part(a, dw)
+        if vs is not None and self.alpha is not None:
+            detached = [x.detach() if isinstance(x, torch.Tensor) else x for x in a]
+            out = out + torch.stack([part(detached, v) for v in vs], -1) @ self.alpha[g]
+        return out
+
+    def _param(self, x) -> bool:
+        return isinstance(x, torch.Tensor) and id(x) in self.info
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        flat = (*args, *kwargs.values())
+        if any(isinstance(x, (list, tuple, dict)) for x in flat):  # a param may sit inside a container
+            flat = tree_leaves(flat)
+        n_params = sum(self._param(x) for x in flat)
+        if not n_params:
+            return func(*args, **kwargs)
+        a = list(args)
+        for name in self.SIGNATURES.get(func, ())[len(args):]:  # keywords given in order become positional
+            if name not in kwargs:
+                break
+            a.append(kwargs.pop(name))
+        known = [i for i, x in enumerate(a) if self._param(x)]
+        rules = self.RULES.get(func, {})
+        nonlinear = func is F.embedding and len(a) > 3 and a[3] is not None  # max_norm renormalises W
+        if kwargs or nonlinear or len(known) < n_params or not set(known) <= set(rules):
+            a, kwargs = tree_map(lambda x: self._moved(x) if self._param(x) else x, (a, kwargs))
+            return func(*a, **kwargs)
+        out = func(*a)
+        for i in known:
+            out = out + self._terms(rules[i], a, a[i])
         return out
 
 
@@ -111,12 +185,6 @@ class ModelFn:
             return target(self._call(th_full, sel, th_sel, x), y)
         return f
 
-    def lane_values(self, target: Callable, points: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """(m, C) target values of each row's lane at its point (no derivative)."""
-        f = self._lane_fn(None, target)
-        with torch.no_grad():
-            return vmap(lambda b, xi, yi: f(None, b, xi, yi))(points, x, y)
-
     def activation_elements(self, theta_full: torch.Tensor, x: torch.Tensor) -> tuple[int, int]:
         """(all, largest): elements of the intermediate tensors of one forward pass on ``x``.
 
@@ -129,33 +197,72 @@ class ModelFn:
             self._activations[key] = (sizes.elements, sizes.largest)
         return self._activations[key]
 
-    def lane_preacts(self, points: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """(m, U) every ReLU input of each row's forward pass: where the integrand has kinks."""
-        def f(b, xi):
-            with _ReluInputs() as seen:
-                self._call(b, None, None, xi)
-            return torch.cat([z.reshape(-1) for z in seen.z]) if seen.z else b[:0]
-        with torch.no_grad():
-            return vmap(f)(points, x)
-
     def lane_jacobian(self, sel: ParamSpace, target: Callable, theta_sel: torch.Tensor, points: torch.Tensor,
                       x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(m, C, P_sel) Jacobian of each row's lane targets wrt the selected params at its point."""
         return vmap(torch.func.jacrev(self._lane_fn(sel, target)))(theta_sel, points, x, y)
 
-    def lane_directional(self, sel: ParamSpace, target: Callable, theta_sel: torch.Tensor, points: torch.Tensor,
-                         x: torch.Tensor, y: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
-        """(m, K, C) derivatives of each row's lane targets along K tangents of the selected params.
+    def path(self, theta: torch.Tensor, delta: torch.Tensor, sel: ParamSpace | None = None,
+             vecs: torch.Tensor | None = None, groups: list[int] | None = None) -> Path:
+        return Path(self, theta, delta, sel, vecs, groups)
 
-        Forward mode: each tangent costs about one forward pass over the lane's items,
-        however many targets there are, and no (C, P_sel) Jacobian is ever held.
+
+class Path:
+    """One step's segment θ + tΔθ: the model run at any t with its weights shared by all rows.
+
+    Built once per step. With ``vecs`` (V vectors over the ``sel`` params) and ``groups``
+    (each selected tensor's group), each group's share of each vector enters as a scalar α
+    (:class:`_AlongPath`), so derivatives along them need neither Jacobians nor per-row weights.
+    """
+
+    def __init__(self, fn: ModelFn, theta: torch.Tensor, delta: torch.Tensor, sel: ParamSpace | None = None,
+                 vecs: torch.Tensor | None = None, groups: list[int] | None = None):
+        self.fn, self.theta, self.delta, self.sel, self.vecs, self.groups = fn, theta, delta, sel, vecs, groups
+        self.named, moved = fn.space.unflatten(theta), fn.space.unflatten(delta)
+        self.info = {id(w): (0, moved[n], None) for n, w in self.named.items()}
+        if vecs is not None:
+            parts = [sel.unflatten(v) for v in vecs]
+            self.info.update({id(self.named[p.name]): (g, moved[p.name], torch.stack([v[p.name] for v in parts]))
+                              for p, g in zip(sel.params, groups)})
+
+    def run(self, t: torch.Tensor, alpha: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        with _AlongPath(self.info, t, alpha):
+            return functional_call(self.fn.model, {**self.fn.constants, **self.named}, (x,))
+
+    def values(self, target: Callable, ts: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(m, C) target values of each row's lane at its t (no derivative)."""
+        with torch.no_grad():
+            return vmap(lambda t, xi, yi: target(self.run(t, None, xi), yi))(ts, x, y)
+
+    def preacts(self, ts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(m, U) every ReLU input of each row's forward pass: where the integrand has kinks."""
+        def f(t, xi):
+            with _ReluInputs() as seen:
+                self.run(t, None, xi)
+            return torch.cat([z.reshape(-1) for z in seen.z]) if seen.z else t.new_zeros(0)
+        with torch.no_grad():
+            return vmap(f)(ts, x)
+
+    def projections(self, target: Callable, ts: torch.Tensor, x: torch.Tensor, y: torch.Tensor, n_groups: int,
+                    n_targets: int) -> torch.Tensor:
+        """(m, V, G, C): each row's lane targets differentiated at its t along each vector on each group.
+
+        Reverse mode takes a pass per target, forward mode one per (vector, group): whichever is fewer.
         """
-        f = self._lane_fn(sel, target)
+        alpha0 = self.theta.new_zeros(n_groups, len(self.vecs))
 
-        def at(a, b, xi, yi):
-            return vmap(lambda t: jvp(lambda s: f(s, b, xi, yi), (a,), (t,))[1])(tangents)
+        def f(alpha, t, xi, yi):
+            return target(self.run(t, alpha, xi), yi)
+        jac = jacrev if n_targets <= alpha0.numel() else jacfwd
         try:
-            return vmap(at)(theta_sel, points, x, y)
-        except (RuntimeError, NotImplementedError):  # an op without forward-mode AD: contract explicitly
-            j = self.lane_jacobian(sel, target, theta_sel, points, x, y)
-            return torch.einsum("mcp,kp->mkc", j, tangents)
+            return vmap(lambda t, xi, yi: jac(f)(alpha0, t, xi, yi))(ts, x, y).permute(0, 3, 2, 1)
+        except (RuntimeError, NotImplementedError):  # an op without AD support: contract the Jacobian
+            dev, sel = self.theta.device, self.sel
+            idx = self.fn.space.element_index(sel).to(dev)
+            points = self.theta[None] + ts[:, None] * self.delta[None]
+            j = self.fn.lane_jacobian(sel, target, points[:, idx], points, x, y)
+            gidx = torch.repeat_interleave(torch.tensor(self.groups, device=dev),
+                                           torch.tensor([p.numel for p in sel.params], device=dev))
+            onehot = torch.zeros(n_groups, sel.size, dtype=self.theta.dtype, device=dev)
+            onehot[gidx, torch.arange(sel.size, device=dev)] = 1
+            return torch.einsum("mcp,vp,gp->mvgc", j, self.vecs, onehot)

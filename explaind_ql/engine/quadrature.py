@@ -113,10 +113,11 @@ def breakpoints(preacts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], l
         fc = preacts(c, lane)[torch.arange(len(lane), device=device), unit].to(dtype)
         flip = fc * fb < 0
         moved = (c - b).abs()
+        left = fc.abs() * moved / (fc - fb).abs().clamp_min(torch.finfo(dtype).tiny)  # the secant's distance to go
         a, fa = torch.where(flip, b, a), torch.where(flip, fb, fa / 2)  # Illinois: halve the kept end
         b, fb = c, fc
-        if bool(((moved < KINK_RESOLUTION) | (fc == 0)).all()):  # a cut this close costs |jump|·1e-12
-            break
+        if bool(((torch.minimum(moved, left) < KINK_RESOLUTION) | (fc == 0)).all()):  # a cut this close costs
+            break  # |jump|·1e-12
     stats.kinks += len(lane)
     for ln_, t in zip(lane.tolist(), b.tolist()):
         if 0.0 < t < 1.0:
