@@ -142,9 +142,9 @@ def estimate_costs(req: Request, run: Run, engine: Engine) -> dict[str, float]:
     costs = {}
     if not req.data:
         costs["delta"] = test_side + steps * 20 * p_total
-        if not req.by_element:  # tangents: each group's share of Δθ and of the decay (and carried momentum)
-            k = req.n_groups * (3 if req.a > 0 else 2)
-            costs["project"] = steps * nodes * items * (2 + 4 * k) * p_total + steps * 20 * p_total
+        if not req.by_element:  # each group's share of Δθ and of the decay (and carried momentum): a pass per
+            k = req.n_groups * (3 if req.a > 0 else 2)  # share (forward mode) or per target (reverse), the fewer
+            costs["project"] = steps * nodes * items * (2 + 4 * min(k, per_item_rows)) * p_total + steps * 20 * p_total
         return costs
     batch = engine.max_batch
     n_ex = run.split_size("train") if req.examples is None else len(req.examples)

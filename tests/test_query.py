@@ -121,7 +121,8 @@ def test_passes_change_the_plan_as_documented(run):
     assert [d[0] for d in p4.decisions] == ["restriction pushdown", "test aggregation", "strategy choice", "chunking"]
     # model x training queries never take per-example gradients
     pm = choose_strategy(aggregate_tests(pushdown_restrictions(logical(bind(parse("influence on test[*] by layer"), run), run), run), run), run, eng)
-    assert pm.request.strategy == "delta"
+    # one summed target: a reverse pass per node beats a Jacobian held and contracted
+    assert pm.request.strategy == "project" and set(pm.costs) == {"delta", "project"}
     ps = choose_strategy(pushdown_restrictions(logical(bind(parse("influence on test[*] from train[0..3] by step"), run), run), run), run, eng)
     assert ps.request.strategy == "momentum"
     kept = aggregate_tests(pushdown_restrictions(logical(bind(parse("influence on test[*] by test"), run), run), run), run)

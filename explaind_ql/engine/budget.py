@@ -42,9 +42,9 @@ def estimate(req: Request, n_total: int, n_sel: int, n_targets: int, n_train: in
     T, G = n_targets, (n_sel if req.by_element else req.n_groups)
     nodes = 3 * req.nodes if req.tolerance is not None else req.nodes
     strategy = req.choose_strategy()
-    if strategy == "project":  # K tangents of the selection, (K, T) per node: no Jacobian is held
+    if strategy == "project":  # three vectors over the selection, (3G, T) per node: no Jacobian is held
         k = 3 * G
-        b = k * n_sel * OVERHEAD + nodes * k * T + 12 * n_total + 3 * req.n_bins * T * G
+        b = 3 * n_sel * OVERHEAD + nodes * k * T + 12 * n_total + 3 * req.n_bins * T * G
     else:
         b = nodes * T * n_sel * OVERHEAD + 12 * n_total + 3 * req.n_bins * T * G
     n_ex = n_train if req.examples is None else len(req.examples)
