@@ -222,7 +222,7 @@ def render(plan: Plan, run: Run, engine: Engine, analyzed: dict | None = None) -
             if req.tolerance is not None else f"{'midpoint' if req.rule == 'midpoint' else 'Gauss–Legendre'} "
                                               f"{req.nodes} nodes, fixed")
     if req.strategy == "project":
-        quad += "; forward-mode derivatives along each group's Δθ and decay (no φ)"
+        quad += "; derivatives in each group's share of Δθ and decay (no φ)"
     keys = ", ".join(b.dims) or "(one row per term)"
     replay = "dense: every state stored" if run.dense else f"replayed from {len(run.ckpt_states)} checkpoints"
     if req.data:

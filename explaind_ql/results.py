@@ -38,7 +38,26 @@ def _group_keys(plan: Plan, run: Run) -> dict[str, list]:
 def _long(values: np.ndarray, term: str, axes: tuple[str, ...]) -> pl.DataFrame:
     idx = np.indices(values.shape).reshape(len(values.shape), -1)
     cols = {name: idx[i] for i, name in enumerate(axes)}
-    return pl.DataFrame({**cols, "term": [term] * values.size, "influence": values.reshape(-1)})
+    return pl.DataFrame({**cols, "influence": values.reshape(-1)}).with_columns(term=pl.lit(term))
+
+
+def _distinct(keys: list) -> bool:
+    return len(set(keys)) == len(keys)
+
+
+def _rows_distinct(result: Result, plan: Plan, steps: list, groups: dict[str, list]) -> bool:
+    """Whether every engine cell already has its own key: then no regrouping is needed.
+
+    Each key column is a function of one engine axis (bin, target, example, group), so the
+    keys are distinct exactly when each axis maps its values to distinct keys.
+    """
+    dims = set(plan.bound.dims) | ({"param"} if "element" in plan.bound.dims else set())
+    B, T, E, G = result.gradient.shape
+    return (_distinct(steps) if "step" in dims else B == 1) and \
+        _distinct([(t if "test" in dims else None, o if "output" in dims else None)
+                   for t, o in result.target_labels]) and \
+        (E == 1 or "example" in dims and _distinct(result.example_ids.tolist())) and \
+        _distinct([tuple(v[g] for k, v in groups.items() if k in dims) for g in range(G)])
 
 
 def influence_frame(result: Result, plan: Plan, run: Run) -> pl.DataFrame:
@@ -63,11 +82,13 @@ def influence_frame(result: Result, plan: Plan, run: Run) -> pl.DataFrame:
                                                                  return_dtype=pl.Int64, default=None))
     else:
         df = df.with_columns(example=pl.lit(None, pl.Int64))
-    for key, vals in _group_keys(plan, run).items():
+    groups = _group_keys(plan, run)
+    for key, vals in groups.items():
         df = df.with_columns(pl.col("_g").replace_strict(list(range(len(vals))), vals).alias(key))
     if plan.post_filter:
-        df = _filter_then_regroup(df, plan, run)
-    return _finish(df, b, run)
+        return _finish(_filter_then_regroup(df, plan, run), b, run)
+    steps = [b.a + k * every if k < n_in else None for k in range(result.gradient.shape[0])]
+    return _finish(df, b, run, regroup=not _rows_distinct(result, plan, steps, groups))
 
 
 def _filter_then_regroup(df: pl.DataFrame, plan: Plan, run: Run) -> pl.DataFrame:
@@ -86,7 +107,7 @@ def _filter_then_regroup(df: pl.DataFrame, plan: Plan, run: Run) -> pl.DataFrame
     return df.group_by(keys + ["term"], maintain_order=True).agg(pl.col("influence").sum())
 
 
-def _finish(df: pl.DataFrame, b, run: Run) -> pl.DataFrame:
+def _finish(df: pl.DataFrame, b, run: Run, regroup: bool = True) -> pl.DataFrame:
     keys = list(b.dims)
     if "element" in keys and "param" not in keys:
         keys.insert(keys.index("element"), "param")
@@ -102,10 +123,8 @@ def _finish(df: pl.DataFrame, b, run: Run) -> pl.DataFrame:
     if "term" not in df.columns:
         df = df.with_columns(term=pl.lit("gradient"))
     df = df.select(cols + ["term", "influence"])
-    if keys:
+    if regroup:  # unless every row has its own key already: a hash group-by costs memory
         df = df.group_by(cols + ["term"], maintain_order=True).agg(pl.col("influence").sum())
-    else:
-        df = df.group_by(["term"], maintain_order=True).agg(pl.col("influence").sum())
     if b.top:
         order = pl.col("influence").abs() if b.top_abs else pl.col("influence")
         df = df.sort(order, descending=True).head(b.top)

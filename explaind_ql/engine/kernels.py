@@ -6,9 +6,10 @@ Three strategies compute the same sum (math.md, Step 3) in different orders:
               with Δθ_s split into weight decay, carried momentum and the gradient rest.
               No per-example gradient is taken.
 ``project``   the same question without φ: each group's share of Δθ_s, of the decay and of
-              the carried momentum is a tangent, and the path integral of the targets'
-              derivatives along those tangents is taken by forward mode. Cheaper than
-              ``delta`` when there are many targets and few groups.
+              the carried momentum enters the layers as a scalar α (model_fn.Path), and
+              the path integral of the targets' derivatives in those scalars is taken by
+              reverse or forward mode, whichever needs fewer passes. Cheaper than
+              ``delta`` unless groups are single elements.
 ``fold``      data queries without a step axis: a backward recurrence folds momentum
               into A_i = Σ_{s≥i} (coefficients) φ_s, and each batch's influence is a
               forward-mode JVP of the per-example losses along A_i.
@@ -41,7 +42,7 @@ STRATEGIES = ("delta", "project", "fold", "momentum")
 ROWS_PER_CALL = 32  # by then a batched call's fixed cost (ms of dispatch) is mostly amortised; more rows cost memory
 JVP_MAX_TANGENTS = 16
 PHI_CACHE_BYTES = 256 << 20
-CALL_BYTES = 16 << 20  # what one batched test-side call (Jacobians or tangents at nodes) may hold
+CALL_BYTES = 16 << 20  # what one batched test-side call (Jacobians or derivatives at nodes) may hold
 GROUP_LOOP_MAX = 64
 
 

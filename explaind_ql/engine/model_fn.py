@@ -67,13 +67,21 @@ class _AlongPath(TorchFunctionMode):
     Ops without a rule here get the weight materialised per row, which is exact, only slower.
     """
 
-    # func → {position of a param argument: the op's part linear in that argument, given D in its place}
+    # func → {position of a param argument: (the op's part linear in that argument, given D in its
+    # place; the same for V stacked Ds at once, V last, in one call where the op allows)}
     RULES = {
-        F.linear: {1: lambda a, D: F.linear(a[0], D), 2: lambda a, D: D},
-        F.embedding: {1: lambda a, D: F.embedding(a[0], D, *a[2:])},
-        F.conv1d: {1: lambda a, D: F.conv1d(a[0], D, None, *a[3:]), 2: lambda a, D: D[:, None]},
-        F.conv2d: {1: lambda a, D: F.conv2d(a[0], D, None, *a[3:]), 2: lambda a, D: D[:, None, None]},
-        F.layer_norm: {2: lambda a, D: F.layer_norm(a[0], a[1], D, None, *a[4:]), 3: lambda a, D: D},
+        F.linear: {1: (lambda a, D: F.linear(a[0], D),
+                       lambda a, S: F.linear(a[0], S.flatten(0, 1)).unflatten(-1, (len(S), -1)).transpose(-1, -2)),
+                   2: (lambda a, D: D, lambda a, S: S.movedim(0, -1))},
+        F.embedding: {1: (lambda a, D: F.embedding(a[0], D, *a[2:]),
+                          lambda a, S: F.embedding(a[0], S.transpose(0, 1).flatten(1), *a[2:])
+                          .unflatten(-1, (len(S), -1)).transpose(-1, -2))},
+        F.conv1d: {1: (lambda a, D: F.conv1d(a[0], D, None, *a[3:]), None),
+                   2: (lambda a, D: D[:, None], lambda a, S: S.movedim(0, -1)[:, None])},
+        F.conv2d: {1: (lambda a, D: F.conv2d(a[0], D, None, *a[3:]), None),
+                   2: (lambda a, D: D[:, None, None], lambda a, S: S.movedim(0, -1)[:, None, None])},
+        F.layer_norm: {2: (lambda a, D: F.layer_norm(a[0], a[1], D, None, *a[4:]), None),
+                       3: (lambda a, D: D, lambda a, S: S.movedim(0, -1))},
     }
     SIGNATURES = {F.linear: ("input", "weight", "bias"),
                   F.embedding: ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
@@ -92,12 +100,14 @@ class _AlongPath(TorchFunctionMode):
             return w + self.t * dw
         return w + self.t * dw + (self.alpha[g] @ vs.flatten(1)).view_as(w)
 
-    def _terms(self, part, a: list, w: torch.Tensor) -> torch.Tensor:
+    def _terms(self, rule: tuple, a: list, w: torch.Tensor) -> torch.Tensor:
+        part, stacked = rule
         g, dw, vs = self.info[id(w)]
         out = self.t * part(a, dw)
         if vs is not None and self.alpha is not None:
             detached = [x.detach() if isinstance(x, torch.Tensor) else x for x in a]
-            out = out + torch.stack([part(detached, v) for v in vs], -1) @ self.alpha[g]
+            each = stacked(detached, vs) if stacked else torch.stack([part(detached, v) for v in vs], -1)
+            out = out + each @ self.alpha[g]
         return out
 
     def _param(self, x) -> bool:

@@ -108,6 +108,8 @@ def breakpoints(preacts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], l
         return cuts
     a, b = torch.zeros(len(lane), dtype=dtype, device=device), torch.ones(len(lane), dtype=dtype, device=device)
     fa, fb = z0[lane, unit].to(dtype), z1[lane, unit].to(dtype)
+    resolution = max(KINK_RESOLUTION, 64 * torch.finfo(dtype).eps)  # float32 cannot place t closer
+    noise = 64 * torch.finfo(dtype).eps * (fa.abs() + fb.abs())  # below this a unit's sign is rounding
     for _ in range(KINK_ITERATIONS):
         c = (b - fb * (b - a) / (fb - fa)).clamp(0, 1)
         fc = preacts(c, lane)[torch.arange(len(lane), device=device), unit].to(dtype)
@@ -116,8 +118,8 @@ def breakpoints(preacts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], l
         left = fc.abs() * moved / (fc - fb).abs().clamp_min(torch.finfo(dtype).tiny)  # the secant's distance to go
         a, fa = torch.where(flip, b, a), torch.where(flip, fb, fa / 2)  # Illinois: halve the kept end
         b, fb = c, fc
-        if bool(((torch.minimum(moved, left) < KINK_RESOLUTION) | (fc == 0)).all()):  # a cut this close costs
-            break  # |jump|·1e-12
+        if bool(((torch.minimum(moved, left) < resolution) | (fc.abs() <= noise)).all()):  # a cut this close costs
+            break  # |jump|·resolution
     stats.kinks += len(lane)
     for ln_, t in zip(lane.tolist(), b.tolist()):
         if 0.0 < t < 1.0:
