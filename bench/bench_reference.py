@@ -54,6 +54,7 @@ MODES = {  # row label → how our side is run (each in a fresh process, so peak
     "default": "adaptive Gauss–Legendre, tol 1e-6, split at ReLU kinks",
     "float32": "the same, `using dtype float32`",
     "budget": "the same, `using budget 16MiB` (2 MiB per batched call)",
+    "lean": "the same, `using dtype float32, budget 16MiB`",
     "midpoint": "midpoint, 100 nodes/step (like for like)",
 }
 
@@ -74,7 +75,8 @@ def ours(store: str, mode: str, out: str) -> None:
         secs, peak, r = measure(lambda: Engine(run).run_request(req))
         pred = r.total().reshape(n_test, -1)
     else:
-        text = QUESTION + {"float32": " using dtype float32", "budget": " using budget 16MiB"}.get(mode, "")
+        text = QUESTION + {"float32": " using dtype float32", "budget": " using budget 16MiB",
+                           "lean": " using dtype float32, budget 16MiB"}.get(mode, "")
         secs, peak, frame = measure(lambda: run.query(text))
         tot = frame.group_by(["test", "output"]).agg(pl.col("influence").sum()).sort(["test", "output"])
         pred = torch.tensor(tot["influence"].to_numpy()).reshape(n_test, -1)
