@@ -136,11 +136,20 @@ class Run:
         return int(np.searchsorted(self.ckpt_states, state, side="right") - 1)
 
     def stored_state(self, pos: int) -> tuple[torch.Tensor, OptState]:
-        row = int(self.ckpt_rows[pos])
-        theta = torch.from_numpy(np.asarray(self.ds["theta"][row].values))
-        bufs = {b: torch.from_numpy(np.asarray(self.ds[f"opt_{b}"][row].values)) for b in self.spec.buffers}
-        return theta, OptState(bufs, int(self.ds["opt_step"].values[row]),
-                               bool(self.ds["opt_has_buf"].values[row]))
+        return self.stored_states(pos, pos + 1)[0]
+
+    def stored_states(self, lo: int, hi: int) -> list[tuple[torch.Tensor, OptState]]:
+        """Stored states at positions lo..hi-1, one read per array (each chunk decoded once)."""
+        rows = self.ckpt_rows[lo:hi]
+        theta = torch.from_numpy(np.asarray(self.ds["theta"][rows].values))
+        bufs = {b: torch.from_numpy(np.asarray(self.ds[f"opt_{b}"][rows].values)) for b in self.spec.buffers}
+        steps, has = self.ds["opt_step"].values[rows], self.ds["opt_has_buf"].values[rows]
+        return [(theta[i], OptState({b: v[i] for b, v in bufs.items()}, int(steps[i]), bool(has[i])))
+                for i in range(len(rows))]
+
+    def state_bytes(self) -> int:
+        """Bytes of one stored state (params and optimizer buffers)."""
+        return self.space.size * np.dtype(self.ds["theta"].dtype).itemsize * (1 + len(self.spec.buffers))
 
     def is_stored(self, state: int) -> bool:
         pos = self.ckpt_at_or_before(state)

@@ -20,6 +20,7 @@ from ..run import Run, StepMeta
 from .replay import TorchReplay
 
 REPLAY_CACHE_BYTES = 512 << 20
+READ_BYTES = 4 << 20  # stored states read per zarr call (at least one)
 
 
 class TensorCache(OrderedDict):
@@ -80,9 +81,16 @@ class Trajectory:
         self._replayer: TorchReplay | None = None
         self.drift: dict[int, Drift] = run.cache.setdefault("drift", {})
         self.replayed_steps = 0
+        self._block: tuple[int, list] = (0, [])  # stored states read ahead: (first position, states)
 
     def _stored(self, pos: int) -> tuple[torch.Tensor, OptState]:
-        theta, state = self.run.stored_state(pos)
+        """A stored state, read with the next few in one go: a row read decodes its whole chunk anyway."""
+        lo, block = self._block
+        if not lo <= pos < lo + len(block):
+            rows = max(1, READ_BYTES // max(1, self.run.state_bytes()))
+            lo, block = pos, self.run.stored_states(pos, min(len(self.run.ckpt_states), pos + rows))
+            self._block = (lo, block)
+        theta, state = block[pos - lo]
         return theta.to(self.device, self.run.dtype), state.to(self.run.dtype, self.device)
 
     def _replay(self, s: int, theta: torch.Tensor, state: OptState, meta: StepMeta):
