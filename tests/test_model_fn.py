@@ -8,11 +8,15 @@ the target values at the moved point and ∇F(θ + tΔθ) · (vector on group) e
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from explaind_ql.engine import model_fn
+from explaind_ql.engine.kernels import Groups
 from explaind_ql.engine.model_fn import ModelFn
 from explaind_ql.losses import LossSpec
 from explaind_ql.params import ParamSpace
@@ -52,7 +56,14 @@ def build(dtype=torch.float64):
     return fn, space, names, theta
 
 
-def test_values_and_projections_match_the_definitions():
+def groups_of(sel: ParamSpace, group_of_param: list[int]) -> Groups:
+    """The engine's grouping of ``sel``: tensor k in group group_of_param[k]."""
+    req = SimpleNamespace(by_element=False, params=tuple(p.name for p in sel.params),
+                          group_of_param=tuple(group_of_param), n_groups=max(group_of_param) + 1)
+    return Groups(sel, req, "cpu")
+
+
+def test_values_and_projections_match_the_definitions(monkeypatch):
     fn, space, names, theta = build()
     torch.manual_seed(1)
     delta = 0.05 * torch.randn_like(theta)
@@ -67,7 +78,7 @@ def test_values_and_projections_match_the_definitions():
     def target(out, yl):
         return out.gather(1, yl[:, None])[:, 0]  # the log-prob at each item's label
 
-    path = fn.path(theta, delta, sel, vecs, groups)
+    path = fn.path(theta, delta, sel, vecs, groups_of(sel, groups))
     points = theta[None] + ts[:, None] * delta[None]
     want = torch.stack([target(fn.forward(p, xi), yi) for p, xi, yi in zip(points, x, y)])
     assert torch.allclose(path.values(target, ts, x, y), want, rtol=0, atol=1e-12)
@@ -79,9 +90,16 @@ def test_values_and_projections_match_the_definitions():
     onehot[gidx, torch.arange(sel.size)] = 1
     want = torch.einsum("mcp,vp,gp->mvgc", jac, vecs, onehot)
     for n_targets in (1, 100):  # reverse mode (fewer targets than directions) and forward mode
-        got = path.projections(target, ts, x, y, G, n_targets)
+        got = path.projections(target, ts, x, y, n_targets)
         assert got.shape == (4, V, G, 2)
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+    def no_ad(*args, **kwargs):
+        raise NotImplementedError("an op without AD support")
+    monkeypatch.setattr(model_fn, "jacrev", no_ad)  # the fallback: the Jacobian contracted per group
+    got = path.projections(target, ts, x, y, 1)
+    assert got.shape == (4, V, G, 2)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_relu_inputs_are_seen_at_the_moved_point():
@@ -110,10 +128,9 @@ def test_shared_weights_are_not_copied_per_row(dtype):
                 seen.append(out.numel())
             return out
     vecs = torch.randn(2, sel.size, dtype=dtype)
-    path = fn.path(theta, torch.zeros_like(theta), sel, vecs, list(range(len(sel.params))))
+    path = fn.path(theta, torch.zeros_like(theta), sel, vecs, groups_of(sel, list(range(len(sel.params)))))
     rows = 64
     with Sizes():
         path.projections(lambda out, yl: out[:, 0], torch.rand(rows, dtype=dtype),
-                         torch.randint(0, 7, (rows, 1, 5)), torch.zeros(rows, 1, dtype=torch.long),
-                         len(sel.params), 1)
+                         torch.randint(0, 7, (rows, 1, 5)), torch.zeros(rows, 1, dtype=torch.long), 1)
     assert max(seen) < rows * sel.size  # no tensor as large as one weight copy per row

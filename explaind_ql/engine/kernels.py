@@ -367,9 +367,9 @@ class _Context:
         row_bytes = fn.itemsize * (every + passes * largest)
 
         def integrate() -> torch.Tensor:
-            path = fn.path(rec.theta, rec.delta, self.sel, vecs, self.groups.per_param)
+            path = fn.path(rec.theta, rec.delta, self.sel, vecs, self.groups)
             return self._integrate(
-                rec, path, lambda ts, x, y: path.projections(self.lane_target, ts, x, y, G, C).flatten(1, 2),
+                rec, path, lambda ts, x, y: path.projections(self.lane_target, ts, x, y, C).flatten(1, 2),
                 lambda est: est[:G].sum(0), lambda est: est.abs().sum(0),
                 lambda c, f: quadrature.beyond_rounding(f - c, f.abs()).amax(0), row_bytes, 1)
         out = self._cached(("proj", rec.s, self.req.a, self.req.group_of_param, len(vecs)), integrate)

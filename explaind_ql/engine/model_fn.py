@@ -7,7 +7,7 @@ read from the full vector.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,9 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from ..losses import LossSpec
 from ..params import ParamSpace
+
+if TYPE_CHECKING:
+    from .kernels import Groups
 
 
 class _ReluInputs(TorchFunctionMode):
@@ -213,7 +216,7 @@ class ModelFn:
         return vmap(torch.func.jacrev(self._lane_fn(sel, target)))(theta_sel, points, x, y)
 
     def path(self, theta: torch.Tensor, delta: torch.Tensor, sel: ParamSpace | None = None,
-             vecs: torch.Tensor | None = None, groups: list[int] | None = None) -> Path:
+             vecs: torch.Tensor | None = None, groups: Groups | None = None) -> Path:
         return Path(self, theta, delta, sel, vecs, groups)
 
 
@@ -221,19 +224,20 @@ class Path:
     """One step's segment θ + tΔθ: the model run at any t with its weights shared by all rows.
 
     Built once per step. With ``vecs`` (V vectors over the ``sel`` params) and ``groups``
-    (each selected tensor's group), each group's share of each vector enters as a scalar α
-    (:class:`_AlongPath`), so derivatives along them need neither Jacobians nor per-row weights.
+    (the engine's :class:`~explaind_ql.engine.kernels.Groups` of the selection), each group's
+    share of each vector enters as a scalar α (:class:`_AlongPath`), so derivatives along
+    them need neither Jacobians nor per-row weights.
     """
 
     def __init__(self, fn: ModelFn, theta: torch.Tensor, delta: torch.Tensor, sel: ParamSpace | None = None,
-                 vecs: torch.Tensor | None = None, groups: list[int] | None = None):
+                 vecs: torch.Tensor | None = None, groups: Groups | None = None):
         self.fn, self.theta, self.delta, self.sel, self.vecs, self.groups = fn, theta, delta, sel, vecs, groups
         self.named, moved = fn.space.unflatten(theta), fn.space.unflatten(delta)
         self.info = {id(w): (0, moved[n], None) for n, w in self.named.items()}
         if vecs is not None:
             parts = [sel.unflatten(v) for v in vecs]
             self.info.update({id(self.named[p.name]): (g, moved[p.name], torch.stack([v[p.name] for v in parts]))
-                              for p, g in zip(sel.params, groups)})
+                              for p, g in zip(sel.params, groups.per_param)})
 
     def run(self, t: torch.Tensor, alpha: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         with _AlongPath(self.info, t, alpha):
@@ -253,13 +257,13 @@ class Path:
         with torch.no_grad():
             return vmap(f)(ts, x)
 
-    def projections(self, target: Callable, ts: torch.Tensor, x: torch.Tensor, y: torch.Tensor, n_groups: int,
+    def projections(self, target: Callable, ts: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                     n_targets: int) -> torch.Tensor:
         """(m, V, G, C): each row's lane targets differentiated at its t along each vector on each group.
 
         Reverse mode takes a pass per target, forward mode one per (vector, group): whichever is fewer.
         """
-        alpha0 = self.theta.new_zeros(n_groups, len(self.vecs))
+        alpha0 = self.theta.new_zeros(self.groups.G, len(self.vecs))
 
         def f(alpha, t, xi, yi):
             return target(self.run(t, alpha, xi), yi)
@@ -267,12 +271,8 @@ class Path:
         try:
             return vmap(lambda t, xi, yi: jac(f)(alpha0, t, xi, yi))(ts, x, y).permute(0, 3, 2, 1)
         except (RuntimeError, NotImplementedError):  # an op without AD support: contract the Jacobian
-            dev, sel = self.theta.device, self.sel
-            idx = self.fn.space.element_index(sel).to(dev)
+            idx = self.fn.space.element_index(self.sel).to(self.theta.device)
             points = self.theta[None] + ts[:, None] * self.delta[None]
-            j = self.fn.lane_jacobian(sel, target, points[:, idx], points, x, y)
-            gidx = torch.repeat_interleave(torch.tensor(self.groups, device=dev),
-                                           torch.tensor([p.numel for p in sel.params], device=dev))
-            onehot = torch.zeros(n_groups, sel.size, dtype=self.theta.dtype, device=dev)
-            onehot[gidx, torch.arange(sel.size, device=dev)] = 1
-            return torch.einsum("mcp,vp,gp->mvgc", j, self.vecs, onehot)
+            j = self.fn.lane_jacobian(self.sel, target, points[:, idx], points, x, y)  # (m, C, P_sel)
+            out = self.groups.contract(j.flatten(0, 1), self.vecs)  # (m·C, V, G)
+            return out.unflatten(0, j.shape[:2]).permute(0, 2, 3, 1)
