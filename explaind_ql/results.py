@@ -71,7 +71,8 @@ def influence_frame(result: Result, plan: Plan, run: Run) -> pl.DataFrame:
     # key columns
     every = b.step_every if "step" in b.dims else max(1, b.b - b.a)
     n_in = max(1, -(-(b.b - b.a) // every))
-    df = df.with_columns(step=pl.when(pl.col("_bin") < n_in).then(b.a + pl.col("_bin") * every).otherwise(None))
+    steps = [b.a + k * every if k < n_in else None for k in range(result.gradient.shape[0])]  # per bin
+    df = df.with_columns(step=pl.col("_bin").replace_strict(list(range(len(steps))), steps, return_dtype=pl.Int64))
     tests = [t for t, _ in result.target_labels]
     outs = [o for _, o in result.target_labels]
     df = df.with_columns(test=pl.col("_t").replace_strict(list(range(len(tests))), tests, return_dtype=pl.Int64),
@@ -87,7 +88,6 @@ def influence_frame(result: Result, plan: Plan, run: Run) -> pl.DataFrame:
         df = df.with_columns(pl.col("_g").replace_strict(list(range(len(vals))), vals).alias(key))
     if plan.post_filter:
         return _finish(_filter_then_regroup(df, plan, run), b, run)
-    steps = [b.a + k * every if k < n_in else None for k in range(result.gradient.shape[0])]
     return _finish(df, b, run, regroup=not _rows_distinct(result, plan, steps, groups))
 
 
