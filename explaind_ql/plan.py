@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .engine import budget as engine_budget
-from .engine.kernels import JVP_MAX_TANGENTS, Engine, Request
+from .engine.kernels import CALL_BYTES, JVP_MAX_TANGENTS, Engine, Request
 from .engine.targets import TargetSpec
 from .run import Run
 from .semantic import Bound
@@ -171,8 +171,10 @@ def choose_strategy(plan: Plan, run: Run, engine: Engine) -> Plan:
 def chunk_under_budget(plan: Plan, run: Run, engine: Engine, budget: int | None) -> Plan:
     """Split over fold segments, test items, examples and params until each chunk fits."""
     limit = budget or engine_budget.default_budget(engine.device)
-    # a batched test-side call may hold 1/8 of the budget (1 to 64 MiB): smaller calls, less memory, more calls
-    req = replace(plan.request, call_bytes=min(64 << 20, max(1 << 20, limit // 8)))
+    # a batched test-side call may hold 1/8 of the budget, from 1 MiB up to CALL_BYTES (16× that on a GPU,
+    # whose arithmetic per row is so fast that a call's fixed cost needs more rows to amortise)
+    cap = CALL_BYTES if engine.device.type == "cpu" else 16 * CALL_BYTES
+    req = replace(plan.request, call_bytes=min(cap, max(1 << 20, limit // 8)))
     tree = engine_budget.plan(engine, req, limit)
     n = _leaves(tree)
     need = _max_leaf_bytes(tree)

@@ -34,6 +34,7 @@ from .errors import StoreError
 FORMAT_VERSION = 1
 FORMAT_KEY = "explaind_format"
 ELEMENT_CHUNK_BYTES = 8 << 20
+STATE_CHUNK_BYTES = 256 << 10  # stored states per chunk: reading one decodes its whole chunk
 SAMPLE_CHUNK_MAX = 1 << 20
 
 
@@ -67,8 +68,11 @@ class StoreWriter:
                 raise StoreError(f"{self.path} already exists; choose a new path or pass overwrite=True")
             shutil.rmtree(self.path)
         self.n_groups, self.n_elem, self.buffers = n_groups, n_elem, buffers
-        self.chunk_steps, self.ckpt_chunk = chunk_steps, ckpt_chunk
         itemsize = torch.empty((), dtype=dtype).element_size()
+        # rows are buffered ckpt_flush at a time, and stored in chunks of as many states as fit
+        # STATE_CHUNK_BYTES: a query reading one state (θ_0, a checkpoint) then decodes little
+        self.chunk_steps, self.ckpt_flush = chunk_steps, ckpt_chunk
+        self.ckpt_chunk = max(1, min(ckpt_chunk, STATE_CHUNK_BYTES // max(1, itemsize * n_elem)))
         self.elem_chunk = int(max(1024, min(n_elem, ELEMENT_CHUNK_BYTES // (itemsize * ckpt_chunk))))
         self.pending = PendingRows()
         self.written_steps = 0
@@ -103,7 +107,7 @@ class StoreWriter:
                                    "opt_step": opt_step, "opt_has_buf": has_buf})
 
     def maybe_flush(self) -> None:
-        if len(self.pending.steps) >= self.chunk_steps or len(self.pending.ckpts) >= self.ckpt_chunk:
+        if len(self.pending.steps) >= self.chunk_steps or len(self.pending.ckpts) >= self.ckpt_flush:
             self.flush(final=False)
 
     # -- writing -----------------------------------------------------------------------------

@@ -63,7 +63,8 @@ def groups_of(sel: ParamSpace, group_of_param: list[int]) -> Groups:
     return Groups(sel, req, "cpu")
 
 
-def test_values_and_projections_match_the_definitions(monkeypatch):
+@pytest.mark.parametrize("moved_rows", [False, True])  # t-terms on shared weights, or each row's own weights
+def test_values_and_projections_match_the_definitions(monkeypatch, moved_rows):
     fn, space, names, theta = build()
     torch.manual_seed(1)
     delta = 0.05 * torch.randn_like(theta)
@@ -78,7 +79,7 @@ def test_values_and_projections_match_the_definitions(monkeypatch):
     def target(out, yl):
         return out.gather(1, yl[:, None])[:, 0]  # the log-prob at each item's label
 
-    path = fn.path(theta, delta, sel, vecs, groups_of(sel, groups))
+    path = fn.path(theta, delta, sel, vecs, groups_of(sel, groups), moved_rows)
     points = theta[None] + ts[:, None] * delta[None]
     want = torch.stack([target(fn.forward(p, xi), yi) for p, xi, yi in zip(points, x, y)])
     assert torch.allclose(path.values(target, ts, x, y), want, rtol=0, atol=1e-12)
@@ -114,9 +115,14 @@ def test_relu_inputs_are_seen_at_the_moved_point():
     assert z.shape == (3, 5 * 6)
 
 
+@pytest.mark.parametrize("moved_rows", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_shared_weights_are_not_copied_per_row(dtype):
-    """The point of Path: a call's memory grows with activations, not rows × params."""
+def test_shared_weights_are_not_copied_per_row(dtype, moved_rows):
+    """The point of Path: a call's memory grows with activations, not rows × directions × params.
+
+    With ``moved_rows`` each row holds one copy of the params (its θ + tΔθ), never one per direction.
+    (Inside vmap the mode sees each row's logical shapes.)
+    """
     fn, space, names, theta = build(dtype)
     sel = space.subspace([n for n in names if n != "emb_capped.weight" and n not in ("mix", "pair")])
     seen: list[int] = []
@@ -128,7 +134,8 @@ def test_shared_weights_are_not_copied_per_row(dtype):
                 seen.append(out.numel())
             return out
     vecs = torch.randn(2, sel.size, dtype=dtype)
-    path = fn.path(theta, torch.zeros_like(theta), sel, vecs, groups_of(sel, list(range(len(sel.params)))))
+    path = fn.path(theta, torch.zeros_like(theta), sel, vecs, groups_of(sel, list(range(len(sel.params)))),
+                   moved_rows)
     rows = 64
     with Sizes():
         path.projections(lambda out, yl: out[:, 0], torch.rand(rows, dtype=dtype),

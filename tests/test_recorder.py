@@ -82,6 +82,30 @@ def test_round_trip(tmp_path):
     assert "7 steps" in repr(run)
 
 
+def test_dense_states_are_chunked_small_and_read_back_exactly(tmp_path, monkeypatch):
+    """A chunk holds at most STATE_CHUNK_BYTES of states (reading θ_0 decodes little); rows still flush whole."""
+    from explaind_ql import store
+    x, y = data()
+    model = mlp()
+    n = sum(p.numel() for p in model.parameters())
+    itemsize = next(model.parameters()).element_size()
+    monkeypatch.setattr(store, "STATE_CHUNK_BYTES", 3 * n * itemsize)  # 3 states per chunk
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    states = []
+    with eq.Recorder(tmp_path / "r.zarr", model, opt, train=(x, y), checkpoint_every=None, chunk_steps=8,
+                     **FACTORY) as rec:
+        states.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone())
+        for _ in range(10):
+            train_steps(rec, model, opt, x, y, 1)
+            states.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone())
+    theta = zarr.open_group(str(tmp_path / "r.zarr"), mode="r")["theta"]
+    assert theta.chunks[0] == 3 and theta.shape == (11, n)
+    run = eq.open(tmp_path / "r.zarr")
+    block = run.stored_states(2, 9)  # across chunk boundaries
+    for k, (th, _) in enumerate(block):
+        assert torch.equal(th, states[2 + k]) and torch.equal(run.stored_state(2 + k)[0], states[2 + k])
+
+
 def test_checkpointed_store_and_replay_equal_dense(tmp_path):
     """Replay from checkpoints recreates the dense recording of the same run."""
     paths = {}

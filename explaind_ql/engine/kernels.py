@@ -42,7 +42,9 @@ STRATEGIES = ("delta", "project", "fold", "momentum")
 ROWS_PER_CALL = 32  # by then a batched call's fixed cost (ms of dispatch) is mostly amortised; more rows cost memory
 JVP_MAX_TANGENTS = 16
 PHI_CACHE_BYTES = 256 << 20
-CALL_BYTES = 16 << 20  # what one batched test-side call (Jacobians or derivatives at nodes) may hold
+# what one batched test-side call (Jacobians or derivatives at nodes) may hold at most: its fixed
+# cost (ms of dispatch) is amortised once rows are many or large, so more would buy memory, not speed
+CALL_BYTES = 4 << 20
 GROUP_LOOP_MAX = 64
 
 
@@ -314,9 +316,10 @@ class _Context:
                    cat_dim: int) -> torch.Tensor:
         """Quadrature along the step of ``at_rows(ts, x, y)``: one row per (node t, lane)."""
         fn = self.eng.fn
-        # bounded memory per call: derivative rows as estimated, forward-only rows a few activations each
+        # bounded memory per call: derivative rows as estimated, forward-only rows 2.5 of the largest
+        # activations each at their live peak (torch.profiler), 4 allowed
         per_call = max(1, min(ROWS_PER_CALL, int(self.req.call_bytes // max(1.0, row_bytes))))
-        per_forward = max(1, int(self.req.call_bytes // (10 * fn.itemsize * max(1, self._activations()[1]))))
+        per_forward = max(1, int(self.req.call_bytes // (4 * fn.itemsize * max(1, self._activations()[1]))))
 
         def rows(ts: torch.Tensor, lanes: torch.Tensor, f, per: int) -> torch.Tensor:
             return torch.cat([f(t, self.lane_x[ln], self.lane_y[ln]) for t, ln in zip(ts.split(per), lanes.split(per))])
@@ -360,14 +363,17 @@ class _Context:
         fn, G = self.eng.fn, self.G
         C = self.T if self.sum_lanes else self.T // len(self.lane_x)  # targets per lane
 
-        # a row keeps its forward pass, and a few of the largest intermediates per target (reverse
-        # mode) or per direction (forward mode)
+        # a row keeps its forward pass, and about two of the largest intermediates per target (reverse
+        # mode) or ten per direction (forward mode): the live peak torch.profiler measures. Rows get
+        # their own moved params when those are no larger than that
         every, largest = self._activations()
-        passes = 4 * C if C <= len(vecs) * G else 10 * len(vecs) * G
-        row_bytes = fn.itemsize * (every + passes * largest)
+        passes = 2 * C if C <= len(vecs) * G else 10 * len(vecs) * G
+        row = every + passes * largest
+        moved_rows = self.eng.run.space.size <= row
+        row_bytes = fn.itemsize * (row + moved_rows * self.eng.run.space.size)
 
         def integrate() -> torch.Tensor:
-            path = fn.path(rec.theta, rec.delta, self.sel, vecs, self.groups)
+            path = fn.path(rec.theta, rec.delta, self.sel, vecs, self.groups, moved_rows)
             return self._integrate(
                 rec, path, lambda ts, x, y: path.projections(self.lane_target, ts, x, y, C).flatten(1, 2),
                 lambda est: est[:G].sum(0), lambda est: est.abs().sum(0),

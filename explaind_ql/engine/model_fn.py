@@ -64,10 +64,12 @@ class _AlongPath(TorchFunctionMode):
 
     Every layer is linear in its own weight W, so op(W_s + tΔW + Σ_v α_gv V_v) =
     op(W_s) + t·op(ΔW) + Σ_v α_gv·op(V_v), and ∂F/∂α_gv at α = 0 is exactly ∇F · (V_v on
-    group g). Rows of a batched call then share the weights (no rows × directions copies of
-    them, which dominate memory and time otherwise), and a derivative costs activations
-    only. The α-terms read their input detached: at α = 0 its dependence on α adds nothing.
-    Ops without a rule here get the weight materialised per row, which is exact, only slower.
+    group g). The α-terms never copy a weight per row or direction (such copies dominate
+    memory and time otherwise), and a derivative costs activations only. The α-terms read
+    their input detached: at α = 0 its dependence on α adds nothing. The t-term is added
+    the same way when the rows share W_s (``info`` gives ΔW), or is already in the weight
+    when each row brings its own W_s + tΔW (``info`` gives None). Ops without a rule here
+    get the weight materialised per row, which is exact, only slower.
     """
 
     # func → {position of a param argument: (the op's part linear in that argument, given D in its
@@ -95,18 +97,19 @@ class _AlongPath(TorchFunctionMode):
 
     def __init__(self, info: dict[int, tuple], t: torch.Tensor, alpha: torch.Tensor | None):
         super().__init__()
-        self.info, self.t, self.alpha = info, t, alpha  # info: id(W_s) → (group, ΔW, V stacked or None)
+        self.info, self.t, self.alpha = info, t, alpha  # info: id(W) → (group, ΔW or None, V stacked or None)
 
     def _moved(self, w: torch.Tensor) -> torch.Tensor:
         g, dw, vs = self.info[id(w)]
+        out = w if dw is None else w + self.t * dw
         if vs is None or self.alpha is None:
-            return w + self.t * dw
-        return w + self.t * dw + (self.alpha[g] @ vs.flatten(1)).view_as(w)
+            return out
+        return out + (self.alpha[g] @ vs.flatten(1)).view_as(w)
 
     def _terms(self, rule: tuple, a: list, w: torch.Tensor) -> torch.Tensor:
         part, stacked = rule
         g, dw, vs = self.info[id(w)]
-        out = self.t * part(a, dw)
+        out = 0 if dw is None else self.t * part(a, dw)
         if vs is not None and self.alpha is not None:
             detached = [x.detach() if isinstance(x, torch.Tensor) else x for x in a]
             each = stacked(detached, vs) if stacked else torch.stack([part(detached, v) for v in vs], -1)
@@ -216,8 +219,8 @@ class ModelFn:
         return vmap(torch.func.jacrev(self._lane_fn(sel, target)))(theta_sel, points, x, y)
 
     def path(self, theta: torch.Tensor, delta: torch.Tensor, sel: ParamSpace | None = None,
-             vecs: torch.Tensor | None = None, groups: Groups | None = None) -> Path:
-        return Path(self, theta, delta, sel, vecs, groups)
+             vecs: torch.Tensor | None = None, groups: Groups | None = None, moved_rows: bool = False) -> Path:
+        return Path(self, theta, delta, sel, vecs, groups, moved_rows)
 
 
 class Path:
@@ -226,22 +229,32 @@ class Path:
     Built once per step. With ``vecs`` (V vectors over the ``sel`` params) and ``groups``
     (the engine's :class:`~explaind_ql.engine.kernels.Groups` of the selection), each group's
     share of each vector enters as a scalar α (:class:`_AlongPath`), so derivatives along
-    them need neither Jacobians nor per-row weights.
+    them need neither Jacobians nor per-row copies of the directions. ``moved_rows`` gives
+    each derivative row its own weights θ + tΔθ: a copy of the params per row, for about a
+    third fewer ops per call than adding t·op(ΔW) to every layer (worth it while the params
+    are small beside a row's activations; the caller decides).
     """
 
     def __init__(self, fn: ModelFn, theta: torch.Tensor, delta: torch.Tensor, sel: ParamSpace | None = None,
-                 vecs: torch.Tensor | None = None, groups: Groups | None = None):
+                 vecs: torch.Tensor | None = None, groups: Groups | None = None, moved_rows: bool = False):
         self.fn, self.theta, self.delta, self.sel, self.vecs, self.groups = fn, theta, delta, sel, vecs, groups
+        self.moved_rows = moved_rows
         self.named, moved = fn.space.unflatten(theta), fn.space.unflatten(delta)
         self.info = {id(w): (0, moved[n], None) for n, w in self.named.items()}
+        self.stacks: dict[str, tuple[int, torch.Tensor]] = {}  # param → (group, its share of each vector)
         if vecs is not None:
             parts = [sel.unflatten(v) for v in vecs]
-            self.info.update({id(self.named[p.name]): (g, moved[p.name], torch.stack([v[p.name] for v in parts]))
-                              for p, g in zip(sel.params, groups.per_param)})
+            self.stacks = {p.name: (g, torch.stack([v[p.name] for v in parts]))
+                           for p, g in zip(sel.params, groups.per_param)}
+            self.info.update({id(self.named[n]): (g, moved[n], vs) for n, (g, vs) in self.stacks.items()})
 
     def run(self, t: torch.Tensor, alpha: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        with _AlongPath(self.info, t, alpha):
-            return functional_call(self.fn.model, {**self.fn.constants, **self.named}, (x,))
+        named, info = self.named, self.info
+        if alpha is not None and self.moved_rows:
+            named = self.fn.space.unflatten(self.theta + t * self.delta)
+            info = {id(named[n]): (g, None, vs) for n, (g, vs) in self.stacks.items()}
+        with _AlongPath(info, t, alpha):
+            return functional_call(self.fn.model, {**self.fn.constants, **named}, (x,))
 
     def values(self, target: Callable, ts: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(m, C) target values of each row's lane at its t (no derivative)."""

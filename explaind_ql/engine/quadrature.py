@@ -98,8 +98,8 @@ def breakpoints(preacts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], l
     crosses twice) are still caught by the adaptive error check.
     """
     ln = torch.arange(lanes, device=device)
-    z0, z1 = preacts(torch.zeros(lanes, dtype=dtype, device=device), ln), preacts(torch.ones(lanes, dtype=dtype,
-                                                                                              device=device), ln)
+    ends = torch.cat([torch.zeros(lanes, dtype=dtype, device=device), torch.ones(lanes, dtype=dtype, device=device)])
+    z0, z1 = preacts(ends, torch.cat([ln, ln])).split(lanes)  # both ends of every lane in one call
     lane, unit = torch.nonzero(z0 * z1 < 0, as_tuple=True)
     cuts: list[list[float]] = [[] for _ in range(lanes)]
     if len(lane) == 0:

@@ -20,7 +20,7 @@ from ..run import Run, StepMeta
 from .replay import TorchReplay
 
 REPLAY_CACHE_BYTES = 512 << 20
-READ_BYTES = 4 << 20  # stored states read per zarr call (at least one)
+READ_BYTES = 1 << 20  # stored states read per zarr call (at least one)
 
 
 class TensorCache(OrderedDict):
