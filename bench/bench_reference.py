@@ -1,4 +1,4 @@
-"""explaind_ql against the reference implementation (explaind 0.1.0), side by side in one process.
+"""explaind_ql against the reference implementation (explaind 0.1.0), side by side in one run.
 
 Same trajectory (the reference trains; explaind_ql re-takes and records the very same steps),
 same question: every class's log-prob change at every test item, and its kernel sum per
@@ -6,13 +6,18 @@ parameter tensor. Reported: wall time, peak memory (RSS growth, /proc/self/statu
 after a reset) and replication error against the model's real change. Then how our cost
 grows with steps, test items, training examples and params.
 
-Run: ``python bench/bench_reference.py [--quick] [--write]`` (needs the reference:
+Timings on shared cores move by ±20 % from run to run, so each tool is run ``--repeat`` times
+(default 3), every run in a fresh process, and the table gives medians and the range of the ratios.
+
+Run: ``python bench/bench_reference.py [--quick] [--repeat N] [--write]`` (needs the reference:
 ``pip install --no-deps --ignore-requires-python explaind==0.1.0 tqdm``).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,20 +92,39 @@ def ours(store: str, mode: str, out: str) -> None:
     torch.save(dict(seconds=secs, peak=peak, pred=pred, actual=actual, strategy=strategy), out)
 
 
-def fresh(store: Path, mode: str, tmp: Path) -> dict:
-    out = tmp / f"{mode}.pt"
-    subprocess.run([sys.executable, __file__, "--ours", str(store), "--mode", mode, "--out", str(out)], check=True)
+def reference_child(cfg: dict, out: str) -> None:
+    """Child process: one run of the reference, its time and peak memory saved."""
+    torch.set_num_threads(1)
+    ref = run_reference(**cfg, dtype=torch.float32, integral_nodes=100, keep_kernel_matrix=False)
+    torch.save(dict(seconds=ref["decomp_wall_s"], peak=ref["decomp_peak_rss_delta_bytes"]), out)
+
+
+def fresh(args: list[str], out: Path) -> dict:
+    subprocess.run([sys.executable, __file__, *args, "--out", str(out)], check=True)
     return torch.load(out)
 
 
-def head_to_head(cfg: dict, lines: list[str]) -> None:
+def median_runs(runs: list[dict]) -> dict:
+    """The first run's predictions, with every run's seconds and peak kept for medians and ranges."""
+    return dict(runs[0], seconds=[r["seconds"] for r in runs], peak=[r["peak"] for r in runs])
+
+
+def ratio(ref: list[float], ours: list[float]) -> str:
+    """Median ratio, and its range over the runs (slowest of one against fastest of the other)."""
+    mid = statistics.median(ref) / statistics.median(ours)
+    return f"{mid:.1f}× ({min(ref) / max(ours):.1f}–{max(ref) / min(ours):.1f})"
+
+
+def head_to_head(cfg: dict, lines: list[str], repeat: int) -> None:
     ref = run_reference(**cfg, dtype=torch.float32, integral_nodes=100, keep_kernel_matrix=False)
     with tempfile.TemporaryDirectory() as d:
         store = record_shared(ref, Path(d) / "shared.zarr")
-        rows = {mode: fresh(store, mode, Path(d)) for mode in MODES}
+        ref_runs = [fresh(["--reference", repr(cfg)], Path(d) / f"ref{k}.pt") for k in range(repeat)]
+        rows = {mode: median_runs([fresh(["--ours", str(store), "--mode", mode], Path(d) / f"{mode}{k}.pt")
+                                   for k in range(repeat)]) for mode in MODES}
     actual = rows["default"]["actual"].double()  # errors in float64: the reference's float32 is cast up
     err_ref = rel(ref["ref_change"].double(), actual)
-    t_ref, m_ref = ref["decomp_wall_s"], ref["decomp_peak_rss_delta_bytes"]
+    t_ref, m_ref = [r["seconds"] for r in ref_runs], [r["peak"] for r in ref_runs]
     P = sum(v.numel() for v in ref["theta"][0].values())
     lines += [
         f"Trajectory: reference modular-addition transformer (ReLU), p = {cfg['p']}, d_model {cfg['d_model']}, "
@@ -108,21 +132,25 @@ def head_to_head(cfg: dict, lines: list[str]) -> None:
         f"{cfg['steps']} full-batch AdamW steps, float32 training. Question: every class's output (log-prob) "
         f"change at every test item, per parameter tensor, kernel and weight-decay terms apart — in the "
         f"language `{QUESTION}`.", "",
+        f"Each tool ran {repeat} times, each run in a fresh process: wall time and peak memory are medians, "
+        "and each ratio is the ratio of the medians with, in brackets, its range over the runs.", "",
         "| tool | rule | wall s | peak memory MiB | replication error (max rel.) | speed-up | memory ratio |",
         "|---|---|---|---|---|---|---|",
-        f"| reference explaind 0.1.0 | midpoint, 100 nodes/step | {t_ref:.2f} | {m_ref / 2**20:.1f} | "
-        f"{err_ref:.1e} | 1× | 1× |",
+        f"| reference explaind 0.1.0 | midpoint, 100 nodes/step | {statistics.median(t_ref):.2f} | "
+        f"{statistics.median(m_ref) / 2**20:.1f} | {err_ref:.1e} | 1× | 1× |",
     ]
     for mode, label in MODES.items():
         r = rows[mode]
         err = rel(r["pred"].double(), actual)
-        lines.append(f"| explaind_ql ({r['strategy']}) | {label} | {r['seconds']:.2f} | {r['peak'] / 2**20:.1f} | "
-                     f"{err:.1e} | {t_ref / r['seconds']:.1f}× | {m_ref / max(r['peak'], 1):.1f}× |")
+        peaks = [max(p, 1) for p in r["peak"]]
+        lines.append(f"| explaind_ql ({r['strategy']}) | {label} | {statistics.median(r['seconds']):.2f} | "
+                     f"{statistics.median(peaks) / 2**20:.1f} | {err:.1e} | {ratio(t_ref, r['seconds'])} | "
+                     f"{ratio(m_ref, peaks)} |")
     same = rows["midpoint"]["pred"].double()
     lines += ["", f"Like-for-like (same rule): predictions agree with the reference's to "
                   f"{rel(same, ref['ref_change'].double()):.1e}. Peak memory is the growth of the "
-                  "process's peak resident set over the call, each of ours measured in a fresh process "
-                  "after a one-step warm-up."]
+                  "process's peak resident set over the call: the reference's over its predict() (after "
+                  "training, in the same fresh process), ours over the query after a one-step warm-up."]
 
 
 def record_width(path: str, hidden: int, steps: int) -> str:
@@ -181,20 +209,25 @@ def scaling(lines: list[str], quick: bool) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3, help="fresh-process runs of each tool (medians reported)")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--ours", help=argparse.SUPPRESS)  # child process: one of our rows
+    ap.add_argument("--reference", help=argparse.SUPPRESS)  # child process: one reference run (its config)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ours:
         return ours(args.ours, args.mode, args.out)
+    if args.reference:
+        return reference_child(ast.literal_eval(args.reference), args.out)
     torch.set_num_threads(1)  # both tools on one thread: fair, and stable on shared cores
     cfg = (dict(p=11, n_train=30, n_test=8, steps=8, d_model=16, d_mlp=32) if args.quick else
            dict(p=17, n_train=80, n_test=12, steps=12, d_model=32, d_mlp=64))
     lines = [f"# explaind_ql against the reference ({time.strftime('%Y-%m-%d')})", "",
-             f"Command: `python bench/bench_reference.py{' --quick' if args.quick else ''}`; torch "
+             f"Command: `python bench/bench_reference.py{' --quick' if args.quick else ''}"
+             f"{f' --repeat {args.repeat}' if args.repeat != 3 else ''}`; torch "
              f"{torch.__version__}, 1 thread, CPU.", ""]
-    head_to_head(dict(cfg, weight_decay=1.0), lines)
+    head_to_head(dict(cfg, weight_decay=1.0), lines, args.repeat)
     scaling(lines, args.quick)
     emit(lines, "RESULTS_reference.md", args.write)
 
