@@ -231,8 +231,8 @@ class Path:
     share of each vector enters as a scalar α (:class:`_AlongPath`), so derivatives along
     them need neither Jacobians nor per-row copies of the directions. ``moved_rows`` gives
     each derivative row its own weights θ + tΔθ: a copy of the params per row, for about a
-    third fewer ops per call than adding t·op(ΔW) to every layer (worth it while the params
-    are small beside a row's activations; the caller decides).
+    third less time per call (fewer ops) than adding t·op(ΔW) to every layer; worth it while
+    the params are small beside a row's activations (the caller decides).
     """
 
     def __init__(self, fn: ModelFn, theta: torch.Tensor, delta: torch.Tensor, sel: ParamSpace | None = None,
