@@ -73,7 +73,7 @@ class StoreWriter:
         # STATE_CHUNK_BYTES: a query reading one state (θ_0, a checkpoint) then decodes little
         self.chunk_steps, self.ckpt_flush = chunk_steps, ckpt_chunk
         self.ckpt_chunk = max(1, min(ckpt_chunk, STATE_CHUNK_BYTES // max(1, itemsize * n_elem)))
-        self.elem_chunk = int(max(1024, min(n_elem, ELEMENT_CHUNK_BYTES // (itemsize * ckpt_chunk))))
+        self.elem_chunk = int(max(1024, min(n_elem, ELEMENT_CHUNK_BYTES // (itemsize * self.ckpt_chunk))))
         self.pending = PendingRows()
         self.written_steps = 0
         self.written_samples = 0
