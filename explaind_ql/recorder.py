@@ -132,6 +132,7 @@ class Recorder:
         self.writer.add_ckpt(0, self.theta, self.state.bufs, self.state.step, self.state.has_buf)
         self.writer.flush(final=False)
         self._hyper = self._read_hyper()
+        self._hyper_at_step = False  # whether the lr scheduler steps after rec.step(), not before it
         self._raw_norms: dict[int, float] = {}
         self._clip: float | None = None
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_hook) for p in self._params]
@@ -210,12 +211,9 @@ class Recorder:
         changed = static_mismatch(self.spec, self.optimizer)
         if changed:
             raise VerificationError(f"step {s}: {changed}; only lr and weight_decay may change during a run")
-        lr, wd = self._hyper  # as they were when optimizer.step() ran: schedulers step after it
         theta_new = self._flat_params()
         real_state = self._read_state()
-        _, model_state, delta = advance(self.spec, self.gidx, lr, wd, self.theta.double(),
-                                        grad.double(), self.state.to(torch.float64))
-        self._verify(s, theta_new, self.theta.double() + delta)
+        lr, wd = self._hyper_used(s, grad, theta_new)
         weight = self.loss.weight(len(idx), self._out_numel())
         if self.grad_check_every >= 0 and (s == 0 or (self.grad_check_every and s % self.grad_check_every == 0)):
             self._check_gradient(s, idx, grad / c, weight)
@@ -229,11 +227,35 @@ class Recorder:
         self._clip = None
         self._raw_norms.clear()
         self._hyper = self._read_hyper()
-        del model_state
 
     def _read_hyper(self) -> tuple[list[float], list[float]]:
         groups = self.optimizer.param_groups
         return [float(g["lr"]) for g in groups], [float(g.get("weight_decay", 0.0)) for g in groups]
+
+    def _hyper_used(self, s: int, grad: torch.Tensor, theta_new: torch.Tensor) -> tuple[list[float], list[float]]:
+        """The lr and weight decay that optimizer.step() used, verified against the real update.
+
+        A scheduler stepped before rec.step() has already moved them on: then they are the ones
+        read after the previous rec.step(). Stepped after rec.step(), they are the current ones.
+        The order that verifies is tried first from then on, so a step models one update.
+        """
+        before, now = self._hyper, self._read_hyper()
+        first, second = (now, before) if self._hyper_at_step else (before, now)
+        try:
+            self._verify(s, theta_new, self._modelled(first, grad))
+            used = first
+        except VerificationError:
+            if first == second:
+                raise
+            self._verify(s, theta_new, self._modelled(second, grad))
+            used = second
+        self._hyper_at_step = used is now
+        return used
+
+    def _modelled(self, hyper: tuple[list[float], list[float]], grad: torch.Tensor) -> torch.Tensor:
+        _, _, delta = advance(self.spec, self.gidx, *hyper, self.theta.double(), grad.double(),
+                              self.state.to(torch.float64))
+        return self.theta.double() + delta
 
     def _flat_grad(self, s: int, c: float) -> torch.Tensor:
         parts = []
