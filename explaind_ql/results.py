@@ -64,8 +64,8 @@ def influence_frame(result: Result, plan: Plan, run: Run) -> pl.DataFrame:
     b = plan.bound
     parts = [_long(result.gradient.detach().cpu().numpy(), "gradient", ("_bin", "_t", "_e", "_g"))]
     for term, t in (("weight_decay", result.weight_decay), ("momentum", result.momentum)):
-        if term == "momentum" and not bool(t.any()):
-            continue  # a window starting from a fresh optimizer carries no momentum
+        if not bool(t.any()):
+            continue  # no decay in the run, or no momentum carried into a window from a fresh optimizer
         parts.append(_long(t.detach().cpu().numpy(), term, ("_bin", "_t", "_g")).with_columns(_e=pl.lit(None, pl.Int64)))
     df = pl.concat([p.select("_bin", "_t", "_e", "_g", "term", "influence") for p in parts], how="vertical_relaxed")
     # key columns

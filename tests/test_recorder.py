@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,52 @@ def test_round_trip(tmp_path):
     assert attrs["loss"] == {"name": "cross_entropy", "reduction": "mean"}
     assert attrs["factory"] == "explaind_ql.models:MLP"
     assert "7 steps" in repr(run)
+
+
+@pytest.mark.parametrize("scheduler_first", [True, False])
+def test_either_scheduler_order_records_the_lr_each_update_used(tmp_path, scheduler_first):
+    """scheduler.step() before or after rec.step(): the stored lr is the one optimizer.step() used."""
+    x, y = data()
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+    used = []
+    with eq.Recorder(tmp_path / "r.zarr", model, opt, train=(x, y), test=(x[:3], y[:3]), checkpoint_every=None,
+                     **FACTORY) as rec:
+        for s in range(7):
+            idx = torch.arange(s * 4, s * 4 + 4) % len(x)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            used.append(opt.param_groups[0]["lr"])
+            opt.step()
+            if scheduler_first:
+                sched.step()
+                rec.step(idx, loss=loss)
+            else:
+                rec.step(idx, loss=loss)
+                sched.step()
+    run = eq.open(tmp_path / "r.zarr")
+    assert [run.step_meta(s).lr[0] for s in range(7)] == used == [1e-2, 1e-2, 5e-3, 5e-3, 2.5e-3, 2.5e-3, 1.25e-3]
+    assert run.query("check on test[*]")["relative_residual"].max() < 1e-6  # the default tolerance
+
+
+def test_a_run_without_decay_has_no_weight_decay_rows(tmp_path):
+    """Terms that are exactly zero throughout (no decay, no carried momentum) are left out of frames."""
+    x, y = data()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with eq.Recorder(tmp_path / "r.zarr", model, opt, train=(x, y), test=(x[:3], y[:3]), checkpoint_every=None,
+                     **FACTORY) as rec:
+        train_steps(rec, model, opt, x, y, 4)
+    run = eq.open(tmp_path / "r.zarr")
+    whole = run.query("influence on test[*] by test, layer")
+    assert set(whole["term"]) == {"gradient"}
+    later = run.query("influence on test[*] over steps 2:4 by test, layer")
+    assert set(later["term"]) == {"gradient", "momentum"}  # momentum carried in from steps 0:2
+    check = run.query("check on test[*] over steps 2:4").sort("test")
+    total = later.group_by("test").agg(pl.col("influence").sum()).sort("test")
+    assert np.allclose(total["influence"].to_numpy(), check["explained"].to_numpy(), rtol=1e-9, atol=1e-12)
 
 
 def test_dense_states_are_chunked_small_and_read_back_exactly(tmp_path, monkeypatch):
