@@ -14,32 +14,22 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import explaind_ql as eq
 from explaind_ql.engine.kernels import Engine, Request
 from explaind_ql.engine.targets import TargetSpec
-from explaind_ql.models import ModAddTransformer, modadd_data
+from explaind_ql.demo import record_grokking
 
 
-def record(path: Path, steps: int, device: str, p: int = 113) -> float:
-    torch.manual_seed(43)
-    x, y, xt, yt = modadd_data(p, 4000, 2000, seed=43)
-    kw = {"p": p, "d_model": 64, "n_heads": 4, "d_mlp": 512, "act": "relu"}
-    model = ModAddTransformer(**kw).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=1.0)
-    xd, yd = x.to(device), y.to(device)
+# a grokking-size model (p = 113, as in the paper), trained full batch
+GROKKING = dict(p=113, n_train=4000, n_test=2000, d_model=64, n_heads=4, d_mlp=512, act="relu",
+                lr=1e-3, betas=(0.9, 0.98), weight_decay=1.0, seed=43, data_seed=43)
+
+
+def record(path: Path, steps: int, device: str) -> float:
+    """Seconds to train and record ``steps`` steps on ``device``."""
     t0 = time.perf_counter()
-    with eq.Recorder(path, model, opt, train=(x, y), test=(xt, yt), loss="nll",
-                     factory="explaind_ql.models:ModAddTransformer", factory_kwargs=kw,
-                     checkpoint_every=50, overwrite=True) as rec:
-        idx = torch.arange(len(x))
-        for _ in range(steps):
-            loss = F.nll_loss(model(xd), yd)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.step(idx, loss=loss)
+    record_grokking(path, GROKKING, steps, checkpoint_every=50, log=lambda _: None, log_every=steps, device=device)
     return time.perf_counter() - t0
 
 

@@ -77,8 +77,8 @@ DEMO_THREADS = 1
 
 
 def record_grokking(path: str | Path, config: dict, steps: int, checkpoint_every: int | None | str = 50,
-                    log: Callable[[str], None] = print, log_every: int = 100) -> list[dict]:
-    """Train the modular-addition transformer full batch and record it into ``path``.
+                    log: Callable[[str], None] = print, log_every: int = 100, device: str = "cpu") -> list[dict]:
+    """Train the modular-addition transformer full batch on ``device`` and record it into ``path``.
 
     Returns the accuracy curve (one row per ``log_every`` steps, for the state after the step).
     """
@@ -89,15 +89,16 @@ def record_grokking(path: str | Path, config: dict, steps: int, checkpoint_every
     xtr, ytr, xte, yte = modadd_data(cfg["p"], cfg["n_train"], cfg["n_test"], seed=cfg["data_seed"])
     torch.manual_seed(cfg["seed"])
     kw = {k: cfg[k] for k in ("p", "d_model", "n_heads", "d_mlp", "act")}
-    model = ModAddTransformer(**kw)
+    model = ModAddTransformer(**kw).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=cfg["betas"], weight_decay=cfg["weight_decay"])
+    xd, yd, xted, yted = (t.to(device) for t in (xtr, ytr, xte, yte))
     batch = torch.arange(len(xtr))
     curve = []
     with Recorder(path, model, opt, train=(xtr, ytr), test=(xte, yte), loss="nll",
                   factory="explaind_ql.models:ModAddTransformer", factory_kwargs=kw,
                   checkpoint_every=checkpoint_every, overwrite=True) as rec:
         for step in range(steps):
-            loss = F.nll_loss(model(xtr), ytr)
+            loss = F.nll_loss(model(xd), yd)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -105,8 +106,8 @@ def record_grokking(path: str | Path, config: dict, steps: int, checkpoint_every
             if (step + 1) % log_every == 0 or step == steps - 1:
                 with torch.no_grad():
                     row = {"step": step + 1, "loss": float(loss.detach()),
-                           "train_acc": float((model(xtr).argmax(-1) == ytr).float().mean()),
-                           "test_acc": float((model(xte).argmax(-1) == yte).float().mean())}
+                           "train_acc": float((model(xd).argmax(-1) == yd).float().mean()),
+                           "test_acc": float((model(xted).argmax(-1) == yted).float().mean())}
                 curve.append(row)
                 log(f"  after step {row['step']:4d}: loss {row['loss']:.3f}   train accuracy "
                     f"{row['train_acc']:6.1%}   test accuracy {row['test_acc']:6.1%}")
