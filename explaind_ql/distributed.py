@@ -43,7 +43,7 @@ import torch
 
 from . import progress
 from .engine import budget as engine_budget
-from .engine.kernels import Engine, Groups, Request, Result
+from .engine.kernels import Engine, Groups, Request, Result, example_columns
 from .errors import ClusterError, ExplaindError
 from .run import Run
 
@@ -261,15 +261,6 @@ def run_chunk(path: str, req: Request, device: str | None, dtype: torch.dtype) -
 
 # ------------------------------------------------------------------------------ client side
 
-def _example_columns(run: Run, req: Request) -> torch.Tensor:
-    """Output column of each tracked example (as the momentum strategy assigns them)."""
-    n_train = run.split_size("train")
-    chosen = torch.arange(n_train) if req.examples is None else torch.tensor(req.examples)
-    col = torch.full((n_train,), -1, dtype=torch.long)
-    col[chosen] = torch.arange(len(chosen)) if req.keep_examples else 0
-    return col[chosen]
-
-
 def compose(run: Run, req: Request, parts: Iterable[tuple[Result, list[int]]]) -> Result:
     """The chunks of ``req`` (in step order, each with its bins' query bins) as one Result.
 
@@ -287,7 +278,9 @@ def compose(run: Run, req: Request, parts: Iterable[tuple[Result, list[int]]]) -
             wd = torch.zeros(req.n_bins, T, groups.G, dtype=dt)
             mom = torch.zeros_like(wd)
             m_carry, m_wd = r.momentum_in, torch.zeros_like(r.momentum_in)
-            ex_cols = _example_columns(run, req) if req.data else None
+            if req.data:  # the output column of each tracked example, as the momentum strategy assigns them
+                col, chosen = example_columns(run.split_size("train"), req, "cpu")
+                ex_cols = col[chosen]
         has_wd, has_carry = bool(m_wd.any()), bool(m_carry.any())
         has_ex = m_ex is not None and bool(m_ex.any())
         for lb, gb in enumerate(gbins):

@@ -203,6 +203,18 @@ class Groups:
         return phi.new_zeros(phi.shape[0], vec.shape[0], self.G).index_add_(2, self.gidx, phi[:, None, :] * vec[None])
 
 
+def example_columns(n_train: int, req: Request, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output column of every train index, -1 where not selected; the selected indices).
+
+    Kept examples get a column each, in selection order; otherwise every selected one adds into column 0.
+    """
+    col = torch.full((n_train,), -1, dtype=torch.long, device=device)
+    chosen = (torch.arange(n_train, device=device) if req.examples is None
+              else torch.tensor(req.examples, device=device))
+    col[chosen] = torch.arange(len(chosen), device=device) if req.keep_examples else 0
+    return col, chosen
+
+
 def _rss() -> int:
     return psutil.Process().memory_info().rss
 
@@ -236,16 +248,8 @@ class _Context:
         self.lane_y = y[items][:, None] if per_item else y[items][None]
         self.labels = eng.target_labels(req.target)
         self.T = len(self.labels)
-        # training examples: output column of every train index (-1: not selected)
-        n_train = eng.run.split_size("train")
-        self.col = torch.full((n_train,), -1, dtype=torch.long, device=dev)
-        chosen = torch.arange(n_train, device=dev) if req.examples is None else torch.tensor(req.examples, device=dev)
-        if req.keep_examples:
-            self.col[chosen] = torch.arange(len(chosen), device=dev)
-            self.example_ids = chosen
-        else:
-            self.col[chosen] = 0
-            self.example_ids = torch.zeros(0, dtype=torch.long, device=dev)
+        self.col, self.chosen = example_columns(eng.run.split_size("train"), req, dev)
+        self.example_ids = self.chosen if req.keep_examples else torch.zeros(0, dtype=torch.long, device=dev)
         self.E = max(1, len(self.example_ids))
         n_steps = req.b - req.a
         self.bin = (torch.tensor(req.step_bin, dtype=torch.long) if req.step_bin is not None
@@ -414,8 +418,7 @@ class _Context:
         m_wd = m_carry = m_ex = None
         ex_cols = None
         if per_example:
-            tracked = (torch.arange(self.eng.run.split_size("train"), device=self.eng.device)
-                       if req.examples is None else torch.tensor(req.examples, device=self.eng.device))
+            tracked = self.chosen
             slot = torch.full_like(self.col, -1)
             slot[tracked] = torch.arange(len(tracked), device=self.eng.device)
             ex_cols = self.col[tracked]
