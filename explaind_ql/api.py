@@ -37,23 +37,36 @@ def explain(run_or_path: Run | str | os.PathLike, text: str, scheduler: Any = No
     return explain_text(run, bound, eng, plan)
 
 
-def expand_runs(runs: Iterable[str | os.PathLike] | Mapping[str, str | os.PathLike]) -> dict[str, str]:
-    """Run names to paths: a dict as given; list entries (globs allowed) named after their file."""
+def expand_runs(runs: Iterable[Run | str | os.PathLike] | Mapping[str, Run | str | os.PathLike]
+                ) -> dict[str, Run | str]:
+    """Run names to open runs or paths: a dict as given; list entries named after their store's
+    directory (paths may be globs)."""
     if isinstance(runs, Mapping):
-        return {str(k): str(v) for k, v in runs.items()}
-    out: dict[str, str] = {}
+        return {str(k): v if isinstance(v, Run) else str(v) for k, v in runs.items()}
+    out: dict[str, Run | str] = {}
     for r in runs:
+        if isinstance(r, Run):
+            out[_run_name(r.path)] = r
+            continue
         matches = sorted(glob.glob(str(r))) if any(c in str(r) for c in "*?[") else [str(r)]
         for m in matches:
-            out[os.path.basename(os.path.normpath(m)).removesuffix(".zarr")] = m
+            out[_run_name(m)] = m
     return out
 
 
-def compare(runs: Iterable[str | os.PathLike] | Mapping[str, str | os.PathLike], text: str,
+def _run_name(path: str | os.PathLike) -> str:
+    return os.path.basename(os.path.normpath(path)).removesuffix(".zarr")
+
+
+def compare(runs: Iterable[Run | str | os.PathLike] | Mapping[str, Run | str | os.PathLike], text: str,
             scheduler: Any = None, **params: Any) -> pl.DataFrame:
-    """The same query over several runs, as one frame with a leading ``run`` column."""
+    """The same query over several runs, as one frame with a leading ``run`` column.
+
+    Runs may be given open (``explaind_ql.open``), so that repeated comparisons reuse each
+    run's engine and cached results, or as store paths, opened for this call.
+    """
     frames = []
-    for name, path in expand_runs(runs).items():
-        df = query(path, text, scheduler=scheduler, **params)
+    for name, run in expand_runs(runs).items():
+        df = query(run, text, scheduler=scheduler, **params)
         frames.append(df.select(pl.lit(name).alias("run"), pl.all()))
     return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame({"run": []})

@@ -230,9 +230,10 @@ class _Target:
     """What queries run on: one opened run, or several runs compared (`--run`)."""
 
     def __init__(self, run_path: str | None, runs: dict[str, str] | None):
-        self.runs = runs
+        from . import open as open_run
+        # opened once: the REPL's queries then share each run's engine and cached results
+        self.runs = None if runs is None else {name: open_run(path) for name, path in runs.items()}
         if runs is None:
-            from . import open as open_run
             self.run = open_run(run_path)
 
     def query(self, text: str, params: dict[str, Any]):

@@ -216,6 +216,18 @@ def test_compare_two_runs(toy_run):
     assert df.filter(pl.col("run") == "adamw").drop("run").equals(one)
 
 
+def test_compare_takes_open_runs_and_keeps_their_caches(toy_run):
+    a, b = eq.open(toy_run("mlp", "adamw", steps=6)), eq.open(toy_run("mlp", "sgd", steps=6))
+    q = "influence on test[*] by layer"
+    df = eq.compare([a, b], q)
+    names = [p.name.removesuffix(".zarr") for p in (a.path, b.path)]
+    assert df["run"].unique(maintain_order=True).to_list() == names
+    assert df.filter(pl.col("run") == names[1]).drop("run").equals(eq.query(b.path, q))
+    again = eq.compare({"x": a, "y": b}, q)
+    assert a.cache["last_stats"].get("phi_cache_hits", 0) > 0  # the second comparison reused the first's work
+    assert again.drop("run").equals(df.drop("run"))
+
+
 def test_query_on_checkpointed_run_matches_dense(toy_run):
     dense = eq.open(toy_run("mlp", "adam", steps=STEPS))
     ckpt = eq.open(toy_run("mlp", "adam", steps=STEPS, checkpoint_every=5))
