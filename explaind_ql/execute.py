@@ -22,7 +22,7 @@ from .engine import budget as engine_budget
 from .engine.kernels import Engine
 from .engine.reconstruct import update_errors
 from .lang import parse
-from .plan import Plan, estimate_costs, optimise, render
+from .plan import Plan, cheapest, optimise, render
 from .results import influence_frame
 from .run import Run
 from .semantic import Bound, bind
@@ -129,8 +129,7 @@ def check_frame(run: Run, bound: Bound, eng: Engine) -> pl.DataFrame:
     names = tuple(run.space.names)
     req = Request(bound.a, bound.b, target, names, tuple(0 for _ in names), 1, nodes=bound.nodes,
                   tolerance=bound.tolerance)
-    costs = estimate_costs(req, run, eng)  # one group: `project` needs three directions, not φ
-    req = replace(req, strategy=min(costs, key=costs.get))
+    req = replace(req, strategy=cheapest(req, run, eng)[0])  # one group: `project` needs three directions, not φ
     budget = bound.budget or engine_budget.default_budget(eng.device)
     r = engine_budget.execute(eng, engine_budget.plan(eng, req, budget))
     explained = r.total().cpu()

@@ -159,10 +159,15 @@ def estimate_costs(req: Request, run: Run, engine: Engine) -> dict[str, float]:
     return costs
 
 
+def cheapest(req: Request, run: Run, engine: Engine) -> tuple[str, dict[str, float]]:
+    """The cheapest strategy that computes the request's axes (fold on a tie), and every estimate."""
+    costs = estimate_costs(req, run, engine)
+    return min(costs, key=lambda k: (costs[k], k != "fold")), costs
+
+
 def choose_strategy(plan: Plan, run: Run, engine: Engine) -> Plan:
     """The cheapest strategy that computes the requested axes."""
-    costs = estimate_costs(plan.request, run, engine)
-    best = min(costs, key=lambda k: (costs[k], k != "fold"))
+    best, costs = cheapest(plan.request, run, engine)
     why = ", ".join(f"{k} {fmt_flops(v)}" for k, v in costs.items())
     return plan.decide("strategy choice", f"{best} ({why})", request=replace(plan.request, strategy=best),
                        costs=costs)
