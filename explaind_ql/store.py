@@ -59,7 +59,7 @@ class StoreWriter:
     """Append-only writer. Steps, samples and checkpoint rows are flushed in whole chunks."""
 
     def __init__(self, path: str | os.PathLike, attrs: dict, n_groups: int, n_elem: int,
-                 dtype: torch.dtype, buffers: tuple[str, ...], chunk_steps: int, ckpt_chunk: int,
+                 dtype: torch.dtype, buffers: tuple[str, ...], chunk_steps: int, ckpt_flush: int,
                  splits: dict[str, tuple[torch.Tensor, torch.Tensor]], constants: list[torch.Tensor],
                  overwrite: bool):
         self.path = Path(path)
@@ -71,8 +71,8 @@ class StoreWriter:
         itemsize = torch.empty((), dtype=dtype).element_size()
         # rows are buffered ckpt_flush at a time, and stored in chunks of as many states as fit
         # STATE_CHUNK_BYTES: a query reading one state (θ_0, a checkpoint) then decodes little
-        self.chunk_steps, self.ckpt_flush = chunk_steps, ckpt_chunk
-        self.ckpt_chunk = max(1, min(ckpt_chunk, STATE_CHUNK_BYTES // max(1, itemsize * n_elem)))
+        self.chunk_steps, self.ckpt_flush = chunk_steps, ckpt_flush
+        self.ckpt_chunk = max(1, min(ckpt_flush, STATE_CHUNK_BYTES // max(1, itemsize * n_elem)))
         self.elem_chunk = int(max(1024, min(n_elem, ELEMENT_CHUNK_BYTES // (itemsize * self.ckpt_chunk))))
         self.pending = PendingRows()
         self.written_steps = 0
