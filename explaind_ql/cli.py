@@ -242,6 +242,13 @@ class _Target:
             return compare(self.runs, text, **params)
         return self.run.query(text, **params)
 
+    def echo_residual(self) -> None:
+        """Under a result: the replication residual it achieved (stderr, so piped tables stay clean)."""
+        from .results import residual_line
+        line = None if self.runs is not None else residual_line(self.run.cache.pop("last_stats", {}))
+        if line:
+            click.echo(line, err=True)
+
 
 def script_queries(text: str, params: dict[str, Any]) -> list[tuple[str | None, str, int]]:
     """(result name, query text to run, line) for each query of an .eql script.
@@ -362,6 +369,7 @@ def query_cmd(args, out, fmt, device, dtype, scheduler, params, runs, plot) -> N
         click.echo(f"wrote {frame.height} rows to {out}", err=True)
     else:
         _echo_frame(frame, fmt)
+    target.echo_residual()
     if plot:
         _plot(frame, plot)
 
@@ -411,6 +419,7 @@ def run_cmd(args, out, fmt, device, dtype, scheduler, params, runs, plot) -> Non
             dest = out_dir / f"{name}{SUFFIX[file_fmt]}"
             write_frame(frame, dest, file_fmt)
             click.echo(f"wrote {frame.height} rows to {dest}", err=True)
+        target.echo_residual()
     if plot and frame is not None:
         _plot(frame, plot)
 

@@ -23,7 +23,7 @@ from .engine.kernels import Engine
 from .engine.reconstruct import update_errors
 from .lang import parse
 from .plan import Plan, cheapest, optimise, render
-from .results import influence_frame
+from .results import influence_frame, residual_line
 from .run import Run
 from .semantic import Bound, bind
 
@@ -113,7 +113,8 @@ def analyze(run: Run, bound: Bound, eng: Engine, plan: Plan | None) -> str:
         "distributed": f"{st.get('wall_seconds', 0.0):.3f} s wall, {st.get('chunks', 1)} tasks on "
                        f"{len(st.get('worker_pids', []))} worker process(es)",
         "summary": f"{total:.3f} s total, memory +{engine_budget.fmt_bytes(mem)} "
-                   f"({'peak CUDA' if eng.device.type == 'cuda' else 'resident growth'})",
+                   f"({'peak CUDA' if eng.device.type == 'cuda' else 'resident growth'})"
+                   + (f"; {line}" if (line := residual_line(st)) else ""),
     }
     return render(plan, run, eng, measured)
 

@@ -107,11 +107,15 @@ class Repl:
 
     def _query(self, text: str) -> str:
         from .cli import frame_text
+        from .results import residual_line
         start = time.perf_counter()
         frame = self.run.query(text, scheduler=self.scheduler, **self.params)
         elapsed = time.perf_counter() - start
         self.last = frame
         out = frame_text(frame, self.fmt).rstrip("\n")
+        line = residual_line(self.run.cache.pop("last_stats", {}))
+        if line:
+            out += f"\n{line}"
         if self.timer:
             out += f"\n({frame.height} rows, {elapsed:.3f} s)"
         return out

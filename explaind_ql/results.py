@@ -129,3 +129,20 @@ def _finish(df: pl.DataFrame, b, run: Run, regroup: bool = True) -> pl.DataFrame
         order = pl.col("influence").abs() if b.top_abs else pl.col("influence")
         df = df.sort(order, descending=True).head(b.top)
     return df
+
+
+def residual_line(stats: dict) -> str | None:
+    """What the last influence result achieved, in one line: its replication residual and the rule.
+
+    The residual is the exact change F(θ_b) − F(θ_a) of the targets against the sum of all their
+    terms (largest over targets, and relative to the largest change). A restricted selection
+    (some params) has no exact change to compare with; a fixed rule says it is not adaptive.
+    """
+    if "residual" not in stats:
+        return None
+    rel = stats["residual"] / stats["change"] if stats["change"] else 0.0
+    rule = (f"adaptive to {stats['tolerance']:g}" if stats.get("tolerance") is not None
+            else f"fixed {stats.get('nodes')}-node rule, not adaptive: its error is this residual")
+    unconverged = len(stats.get("unconverged_steps", []))
+    tail = f", {unconverged} steps unconverged" if unconverged else ""
+    return f"replication residual {stats['residual']:.2e} ({rel:.2e} of the change; {rule}{tail})"

@@ -108,11 +108,18 @@ def test_relu_inputs_are_seen_at_the_moved_point():
     delta = 0.05 * torch.randn_like(theta)
     x = torch.randint(0, 7, (3, 1, 5))
     ts = torch.tensor([0.0, 0.5, 1.0], dtype=theta.dtype)
-    z = fn.path(theta, delta).preacts(ts, x)
+    z, dz = fn.path(theta, delta).slopes(ts, x)
+    fn.model.emb_capped.max_norm = None  # torch differentiates max_norm's renorm as a constant: compare without
+    z, dz = fn.path(theta, delta).slopes(ts, x)
+    h = 1e-6
     for k, t in enumerate(ts):  # the ReLU input is the layer norm's output at θ + tΔθ
-        still = fn.path(theta + t * delta, torch.zeros_like(delta)).preacts(ts[:1] * 0, x[k:k + 1])
+        still, _ = fn.path(theta + t * delta, torch.zeros_like(delta)).slopes(ts[:1] * 0, x[k:k + 1])
         assert torch.allclose(z[k], still[0], atol=1e-12)
+        ahead, _ = fn.path(theta + (t + h) * delta, torch.zeros_like(delta)).slopes(ts[:1] * 0, x[k:k + 1])
+        behind, _ = fn.path(theta + (t - h) * delta, torch.zeros_like(delta)).slopes(ts[:1] * 0, x[k:k + 1])
+        assert torch.allclose(dz[k], (ahead[0] - behind[0]) / (2 * h), atol=1e-7)  # its t-derivative
     assert z.shape == (3, 5 * 6)
+    assert fn.kink_segments(theta, x[0]) == (5 * 6,)
 
 
 @pytest.mark.parametrize("moved_rows", [False, True])

@@ -25,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
 
 import psutil
 import torch
@@ -215,6 +217,25 @@ def example_columns(n_train: int, req: Request, device) -> tuple[torch.Tensor, t
     return col, chosen
 
 
+@dataclass(frozen=True)
+class Lanes:
+    """Test items grouped into quadrature lanes, each integrated on its own.
+
+    ``x``/``y`` hold each lane's items, (L, items per lane, ...); ``target`` maps a lane's model
+    output and labels to its flat target vector; ``summed``: the lanes' results add up to the
+    request's targets (items integrated apart, aggregated afterwards).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    target: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    summed: bool = False
+
+    @property
+    def count(self) -> int:
+        return len(self.x)
+
+
 def _rss() -> int:
     return psutil.Process().memory_info().rss
 
@@ -236,16 +257,19 @@ class _Context:
         self.x_items = x[items]
         self.target_fn = targets.make(req.target, y[items], eng.run.loss)
         # quadrature lanes: each test item on its own when items are kept, or when the model has ReLU
-        # kinks (an item's kinks then cut only its own steps; aggregated targets are summed afterwards);
-        # else one lane of all items, which takes one gradient of the summed target per node
-        still = eng.fn.path(eng.theta0, torch.zeros_like(eng.theta0))
-        self.kinked = still.preacts(eng.theta0.new_zeros(1), x[items][:1][None]).shape[1] > 0
+        # kinks (each item's kinks are then corrected for, and cut at, on its own steps only; aggregated
+        # targets are summed afterwards); else one lane of all items, which takes one gradient of the
+        # summed target per node
+        self.segments = eng.fn.kink_segments(eng.theta0, x[items][:1])
+        self.kinked = bool(self.segments)
         per_item = len(req.target.items) > 1 and (req.target.keep_test or self.kinked)
-        self.sum_lanes = per_item and not req.target.keep_test
         spec = dataclasses.replace(req.target, keep_test=True) if per_item else req.target
-        self.lane_target = lambda out, yl: targets.make(spec, yl, eng.run.loss)(out)
-        self.lane_x = x[items][:, None] if per_item else x[items][None]
-        self.lane_y = y[items][:, None] if per_item else y[items][None]
+        loss = eng.run.loss
+        self.lanes = Lanes(x[items][:, None] if per_item else x[items][None],
+                           y[items][:, None] if per_item else y[items][None],
+                           lambda out, yl: targets.make(spec, yl, loss)(out), summed=per_item and not req.target.keep_test)
+        self.live = (eng.fn.live_sites(eng.theta0, self.lanes.target, self.lanes.x, self.lanes.y)
+                     if self.kinked else None)
         self.labels = eng.target_labels(req.target)
         self.T = len(self.labels)
         self.col, self.chosen = example_columns(eng.run.split_size("train"), req, dev)
@@ -318,41 +342,39 @@ class _Context:
 
     def _integrate(self, rec: StepRecord, path: Path, at_rows, along, spread, error, row_bytes: float,
                    cat_dim: int) -> torch.Tensor:
-        """Quadrature along the step of ``at_rows(ts, x, y)``: one row per (node t, lane)."""
-        fn = self.eng.fn
-        # bounded memory per call: derivative rows as estimated, forward-only rows 2.5 of the largest
-        # activations each at their live peak (torch.profiler), 4 allowed
+        """Quadrature along the step of ``at_rows(ts, x, y, jumps=None)``: one row per (node t, lane)."""
+        fn, lanes = self.eng.fn, self.lanes
+        # bounded memory per call: derivative rows as estimated (twice that with the kink jumps'
+        # forward-mode pass), forward-only rows 2.5 of the largest activations each at their live peak
+        # (torch.profiler), 4 allowed
         per_call = max(1, min(ROWS_PER_CALL, int(self.req.call_bytes // max(1.0, row_bytes))))
         per_forward = max(1, int(self.req.call_bytes // (4 * fn.itemsize * max(1, self._activations()[1]))))
 
-        def rows(ts: torch.Tensor, lanes: torch.Tensor, f, per: int) -> torch.Tensor:
-            return torch.cat([f(t, self.lane_x[ln], self.lane_y[ln]) for t, ln in zip(ts.split(per), lanes.split(per))])
+        def rows(per: int, f, ts: torch.Tensor, ln: torch.Tensor, *extra: torch.Tensor):
+            parts = zip(ts.split(per), ln.split(per), *(e.split(per) for e in extra))
+            outs = [f(t, lanes.x[lane], lanes.y[lane], *ex) for t, lane, *ex in parts]
+            return tuple(map(torch.cat, zip(*outs))) if isinstance(outs[0], tuple) else torch.cat(outs)
 
-        def forward_rows(f):
-            return lambda ts, lanes: rows(ts, lanes, f, per_forward)
-
-        f_at = forward_rows(lambda t, x, y: path.values(self.lane_target, t, x, y)) if self.all_params else None
-        preacts = forward_rows(lambda t, x, y: path.preacts(t, x)) if self.kinked else None
-        integrand = quadrature.Integrand(lambda ts, lanes: rows(ts, lanes, at_rows, per_call), along, error,
-                                         len(self.lane_x), cat_dim, f_at, preacts, spread)
-        L = len(self.lane_x)
-        if not self.sum_lanes:
-            return quadrature.integrate(integrand, self.req.nodes, self.budget, rec.s, self.qstats, self.eng.dtype,
-                                        self.eng.device, self.req.rule)
-        budget = None if self.budget is None else (self.budget / L).repeat(L)  # each item its share
-        out = quadrature.integrate(integrand, self.req.nodes, budget, rec.s, self.qstats, self.eng.dtype,
-                                   self.eng.device, self.req.rule)
-        return out.unflatten(cat_dim, (L, -1)).sum(cat_dim)  # linearity: Σ_x ∫∇F_x = ∫∇Σ_x F_x
+        f_at = (partial(rows, per_forward, lambda t, x, y: path.values(lanes.target, t, x, y))
+                if self.all_params else None)
+        slopes = partial(rows, per_forward, lambda t, x, y: path.slopes(t, x)) if self.kinked else None
+        jumped = (partial(rows, max(1, per_call // 2), lambda t, x, y, *jumps: at_rows(t, x, y, jumps))
+                  if self.kinked else None)
+        integrand = quadrature.Integrand(partial(rows, per_call, at_rows), along, error, lanes.count, cat_dim,
+                                         f_at, slopes, spread, jumped, self.segments, self.live)
+        out = quadrature.integrate(integrand, self.req.nodes, self.budget, rec.s, self.qstats, self.eng.dtype,
+                                   self.eng.device, self.req.rule, pooled=lanes.summed)
+        return out.unflatten(cat_dim, (lanes.count, -1)).sum(cat_dim) if lanes.summed else out  # Σ_x ∫∇F_x
 
     def phi(self, rec: StepRecord) -> torch.Tensor:
         """(T, P_sel) path-integrated target gradient."""
         idx, fn, d = self.idx, self.eng.fn, rec.delta[self.idx]
 
-        def at_rows(ts: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def at_rows(ts: torch.Tensor, x: torch.Tensor, y: torch.Tensor, jumps=None) -> torch.Tensor:
             pts = rec.theta[None] + ts[:, None] * rec.delta[None]
-            return fn.lane_jacobian(self.sel, self.lane_target, pts[:, idx], pts, x, y)
+            return fn.lane_jacobian(self.sel, self.lanes.target, pts[:, idx], pts, x, y, jumps)
 
-        c = self.T if self.sum_lanes else self.T / len(self.lane_x)  # targets per lane: a reverse pass each
+        c = self._targets_per_lane()  # a reverse pass each
         row_bytes = fn.itemsize * c * (4 * max(1, self.sel.size) + 3 * self._activations()[0])
         return self._cached(("phi", rec.s), lambda: self._integrate(
             rec, fn.path(rec.theta, rec.delta), at_rows, lambda est: est @ d, lambda est: est.abs() @ d.abs(),
@@ -365,7 +387,7 @@ class _Context:
         it). Every projection is held to the tolerance, not only their sum.
         """
         fn, G = self.eng.fn, self.G
-        C = self.T if self.sum_lanes else self.T // len(self.lane_x)  # targets per lane
+        C = self._targets_per_lane()
 
         # a row keeps its forward pass, and about two of the largest intermediates per target (reverse
         # mode) or ten per direction (forward mode): the live peak torch.profiler measures. Rows get
@@ -379,15 +401,18 @@ class _Context:
         def integrate() -> torch.Tensor:
             path = fn.path(rec.theta, rec.delta, self.sel, vecs, self.groups, moved_rows)
             return self._integrate(
-                rec, path, lambda ts, x, y: path.projections(self.lane_target, ts, x, y, C).flatten(1, 2),
-                lambda est: est[:G].sum(0), lambda est: est.abs().sum(0),
+                rec, path, lambda ts, x, y, jumps=None: path.projections(self.lanes.target, ts, x, y, C, jumps)
+                .flatten(1, 2), lambda est: est[:G].sum(0), lambda est: est.abs().sum(0),
                 lambda c, f: quadrature.beyond_rounding(f - c, f.abs()).amax(0), row_bytes, 1)
         out = self._cached(("proj", rec.s, self.req.a, self.req.group_of_param, len(vecs)), integrate)
         return out.reshape(len(vecs), G, -1)
 
+    def _targets_per_lane(self) -> int:
+        return self.T if self.lanes.summed else self.T // self.lanes.count
+
     def _activations(self) -> tuple[int, int]:
         """(all, largest) intermediate elements of one lane's forward pass (measured once per shape)."""
-        return self.eng.fn.activation_elements(self.eng.theta0, self.lane_x[0])
+        return self.eng.fn.activation_elements(self.eng.theta0, self.lanes.x[0])
 
     def check_step(self, k: int, rec: StepRecord, explained: torch.Tensor) -> None:
         self.step_actual[k] = self._f(rec.theta_next) - self._f(rec.theta)
@@ -541,11 +566,16 @@ class _Context:
 
     # -- result ------------------------------------------------------------------------------
     def result(self) -> Result:
+        if self.all_params:  # the exact F(θ_b) − F(θ_a) against the sum of every term: what was achieved
+            total = self.grad.sum((0, 2, 3)) + self.wd.sum((0, 2)) + self.mom.sum((0, 2))
+            actual = self.step_actual.sum(0)
+            self.stats.update(residual=float((actual - total).abs().max()), change=float(actual.abs().max()))
+        self.stats.update(tolerance=self.req.tolerance, nodes=self.req.nodes)
         self.stats.update(test_seconds=self.seconds["test"], trajectory_seconds=self.seconds["trajectory"],
                           test_bytes=self.grown["test"], trajectory_bytes=self.grown["trajectory"],
                           train_bytes=self.grown["train"],
                           evaluations=self.qstats.evaluations, refined_steps=self.qstats.refined_steps,
-                          kinks=self.qstats.kinks,
+                          kinks=self.qstats.kinks, corrected_lanes=self.qstats.corrected_lanes,
                           unconverged_steps=list(self.qstats.unconverged))
         return Result(self.grad, self.wd, self.mom, self.labels, self.example_ids.cpu(),
                       self.step_actual.sum(0), self.step_explained.sum(0), self.step_actual,

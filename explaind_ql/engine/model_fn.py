@@ -22,25 +22,68 @@ if TYPE_CHECKING:
     from .kernels import Groups
 
 
-class _ReluInputs(TorchFunctionMode):
-    """Records the inputs of ReLU-family calls (their zero crossings are the integrand's kinks)."""
+KINKED = {torch.relu, F.relu, torch.Tensor.relu, F.leaky_relu, F.relu6, F.hardtanh}
 
-    KINKED = {torch.relu, torch.nn.functional.relu, torch.Tensor.relu, torch.nn.functional.leaky_relu,
-              torch.nn.functional.relu6, torch.nn.functional.hardtanh}
+
+def _kink_sites(func, args, kwargs) -> list[tuple[torch.Tensor, float]]:
+    """A ReLU-family call's inputs shifted so each kink sits at 0, with the slope's jump across it.
+
+    The slope jump is what the output's derivative gains when the shifted input turns positive.
+    """
+    z = args[0]
+    if kwargs.get("inplace") or (len(args) > 1 and args[-1] is True):  # the call would overwrite z
+        z = z.clone()
+    if func in (F.relu6, F.hardtanh):  # kinks at both bounds
+        lo, hi = (0.0, 6.0) if func is F.relu6 else _hardtanh_bounds(args, kwargs)
+        return [(z - lo, 1.0), (z - hi, -1.0)]
+    if func is F.leaky_relu:
+        slope = kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01)
+        return [(z, 1.0 - float(slope))]
+    return [(z, 1.0)]
+
+
+class _ReluInputs(TorchFunctionMode):
+    """Records the shifted inputs of ReLU-family calls (their zero crossings are the integrand's kinks)."""
 
     def __init__(self):
         super().__init__()
         self.z: list[torch.Tensor] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.KINKED:
-            z = args[0]
-            if func in (torch.nn.functional.relu6, torch.nn.functional.hardtanh):  # kinks at both bounds
-                lo, hi = (0.0, 6.0) if func is torch.nn.functional.relu6 else _hardtanh_bounds(args, kwargs or {})
-                self.z += [z - lo, z - hi]
-            else:
-                self.z.append(z)
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if func in KINKED:
+            self.z += [z for z, _ in _kink_sites(func, args, kwargs)]
+        return func(*args, **kwargs)
+
+
+class _KinkJumps(TorchFunctionMode):
+    """Adds ε·c·(slope jump)·z to every ReLU-family output, site by site (in :class:`_ReluInputs` order).
+
+    The model is multilinear in its ReLU masks, so ∂/∂ε at ε = 0 is Σ_u c_u times the change of
+    the target when unit u's mask flips: the jump of the integrand that a kink of u causes. The
+    coefficient is ``c = tail − share·[u is on its end-of-step side here]`` (see
+    :func:`explaind_ql.engine.quadrature.kink_coefficients`).
+    """
+
+    def __init__(self, eps: torch.Tensor, tail: torch.Tensor, share: torch.Tensor, end_side: torch.Tensor):
+        super().__init__()
+        self.eps, self.tail, self.share, self.end_side = eps, tail, share, end_side
+        self.offset = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in KINKED:
+            return func(*args, **kwargs)
+        sites = _kink_sites(func, args, kwargs)
+        out = func(*args, **kwargs)
+        for z, jump in sites:
+            n = z.numel()
+            part = slice(self.offset, self.offset + n)
+            self.offset += n
+            on_end_side = ((z > 0) == self.end_side[part].view_as(z)).to(z.dtype)
+            c = self.tail[part].view_as(z) - self.share[part].view_as(z) * on_end_side
+            out = out + self.eps * (jump * c.detach()) * z
+        return out
 
 
 class _Sizes(TorchFunctionMode):
@@ -144,6 +187,42 @@ class _AlongPath(TorchFunctionMode):
         return out
 
 
+class _Probed(TorchFunctionMode):
+    """Runs every ReLU-family call as the identity plus one probe per site (in :class:`_ReluInputs` order).
+
+    With every mask on, ∂F/∂probe is nonzero exactly where a site's output reaches F at all.
+    """
+
+    def __init__(self, probes: torch.Tensor):
+        super().__init__()
+        self.probes, self.offset = probes, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in KINKED:
+            return func(*args, **kwargs)
+        out = args[0]
+        for z, _ in _kink_sites(func, args, kwargs):
+            out = out + self.probes[self.offset: self.offset + z.numel()].view_as(z)
+            self.offset += z.numel()
+        return out
+
+
+Jumps = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # one row's (weight, tail, share, end side)
+
+
+def _with_jumps(f: Callable[[], torch.Tensor], jumps: Jumps) -> torch.Tensor:
+    """w·f() plus the ε-derivative of f() under :class:`_KinkJumps`: a node's weighted value with the
+    jumps it owes the rule for the kinks of its step (one forward-mode pass)."""
+    w, tail, share, side = jumps
+
+    def perturbed(eps):
+        with _KinkJumps(eps, tail, share, side):
+            return f()
+    value, slope = jvp(perturbed, (w.new_zeros(()),), (w.new_ones(()),))
+    return w * value + slope
+
+
 def _hardtanh_bounds(args, kwargs) -> tuple[float, float]:
     lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
     hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
@@ -213,10 +292,37 @@ class ModelFn:
             self._activations[key] = (sizes.elements, sizes.largest)
         return self._activations[key]
 
+    def kink_segments(self, theta_full: torch.Tensor, x: torch.Tensor) -> tuple[int, ...]:
+        """How many ReLU-family inputs each kinked call of a forward pass on ``x`` has, in call order."""
+        with torch.no_grad(), _ReluInputs() as seen:
+            self._call(theta_full, None, None, x)
+        return tuple(z.numel() for z in seen.z)
+
+    def live_sites(self, theta_full: torch.Tensor, target: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(L, U) for each lane's ReLU inputs: whether that unit's output reaches the lane's targets.
+
+        A unit that does not (a position the output never reads) has no kink that changes F.
+        """
+        U = sum(self.kink_segments(theta_full, x[0]))
+
+        def reach(probe, xi, yi):
+            with _Probed(probe):
+                return target(self._call(theta_full, None, None, xi), yi).sum()
+        return vmap(grad(reach), in_dims=(None, 0, 0))(theta_full.new_zeros(U), x, y) != 0
+
     def lane_jacobian(self, sel: ParamSpace, target: Callable, theta_sel: torch.Tensor, points: torch.Tensor,
-                      x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """(m, C, P_sel) Jacobian of each row's lane targets wrt the selected params at its point."""
-        return vmap(torch.func.jacrev(self._lane_fn(sel, target)))(theta_sel, points, x, y)
+                      x: torch.Tensor, y: torch.Tensor, jumps: Jumps | None = None) -> torch.Tensor:
+        """(m, C, P_sel) Jacobian of each row's lane targets wrt the selected params at its point.
+
+        With ``jumps`` (per row), the Jacobian of the row's weighted value plus its kink jumps (:func:`_with_jumps`).
+        """
+        f = self._lane_fn(sel, target)
+        if jumps is None:
+            return vmap(torch.func.jacrev(f))(theta_sel, points, x, y)
+
+        def jumped(th, pt, xi, yi, *row):
+            return _with_jumps(lambda: f(th, pt, xi, yi), row)
+        return vmap(torch.func.jacrev(jumped))(theta_sel, points, x, y, *jumps)
 
     def path(self, theta: torch.Tensor, delta: torch.Tensor, sel: ParamSpace | None = None,
              vecs: torch.Tensor | None = None, groups: Groups | None = None, moved_rows: bool = False) -> Path:
@@ -261,31 +367,35 @@ class Path:
         with torch.no_grad():
             return vmap(lambda t, xi, yi: target(self.run(t, None, xi), yi))(ts, x, y)
 
-    def preacts(self, ts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """(m, U) every ReLU input of each row's forward pass: where the integrand has kinks."""
+    def slopes(self, ts: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m, U) twice: every ReLU input of each row's forward pass and its derivative in t (forward mode)."""
         def f(t, xi):
-            with _ReluInputs() as seen:
-                self.run(t, None, xi)
-            return torch.cat([z.reshape(-1) for z in seen.z]) if seen.z else t.new_zeros(0)
-        with torch.no_grad():
-            return vmap(f)(ts, x)
+            def z_of(tt):
+                with _ReluInputs() as seen:
+                    self.run(tt, None, xi)
+                return torch.cat([z.reshape(-1) for z in seen.z]) if seen.z else tt.new_zeros(0)
+            return jvp(z_of, (t,), (torch.ones_like(t),))
+        return vmap(f)(ts, x)
 
     def projections(self, target: Callable, ts: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                    n_targets: int) -> torch.Tensor:
+                    n_targets: int, jumps: Jumps | None = None) -> torch.Tensor:
         """(m, V, G, C): each row's lane targets differentiated at its t along each vector on each group.
 
         Reverse mode takes a pass per target, forward mode one per (vector, group): whichever is fewer.
+        With ``jumps`` (per row), the row's weighted value plus its kink jumps is differentiated (:func:`_with_jumps`).
         """
         alpha0 = self.theta.new_zeros(self.groups.G, len(self.vecs))
 
-        def f(alpha, t, xi, yi):
-            return target(self.run(t, alpha, xi), yi)
+        def f(alpha, t, xi, yi, *row):
+            value = lambda: target(self.run(t, alpha, xi), yi)  # noqa: E731
+            return value() if not row else _with_jumps(value, row)
         jac = jacrev if n_targets <= alpha0.numel() else jacfwd
+        rows = () if jumps is None else tuple(jumps)
         try:
-            return vmap(lambda t, xi, yi: jac(f)(alpha0, t, xi, yi))(ts, x, y).permute(0, 3, 2, 1)
+            return vmap(lambda t, xi, yi, *row: jac(f)(alpha0, t, xi, yi, *row))(ts, x, y, *rows).permute(0, 3, 2, 1)
         except (RuntimeError, NotImplementedError):  # an op without AD support: contract the Jacobian
             idx = self.fn.space.element_index(self.sel).to(self.theta.device)
             points = self.theta[None] + ts[:, None] * self.delta[None]
-            j = self.fn.lane_jacobian(self.sel, target, points[:, idx], points, x, y)  # (m, C, P_sel)
+            j = self.fn.lane_jacobian(self.sel, target, points[:, idx], points, x, y, jumps)  # (m, C, P_sel)
             out = self.groups.contract(j.flatten(0, 1), self.vecs)  # (m·C, V, G)
             return out.unflatten(0, j.shape[:2]).permute(0, 2, 3, 1)

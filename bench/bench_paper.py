@@ -1,0 +1,204 @@
+"""The paper's own scale: the grokking config at p = 113, default adaptive tolerance, per step.
+
+Records ``examples/grokking/train.py --config paper`` for ``--steps`` steps twice (a dense store,
+every state kept, and the config's checkpointed store), measures the floor in the same run
+(one gradient of the summed target over 100 test items, one forward pass over them, one batch
+JVP over the 4,000 training pairs, one full-batch gradient: what replaying a step costs), then
+runs each query of the issue's table in a fresh process and prints seconds per step, the ratio
+to the floor, peak memory, the achieved replication residual and where the time went.
+
+Run: ``python bench/bench_paper.py [--steps 40] [--threads 2] [--store DIR] [--write]``.
+``--write`` keeps the table as ``bench/RESULTS_paper.md``. Timings on shared cores move by
+±20 %: read the ratios, which are measured side by side. The reference implementation is run on
+its own question when ``explaind`` 0.1.0 is installed (see bench/reference/NOTES.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "examples" / "grokking"))
+sys.path.insert(0, str(HERE / "reference"))
+
+from report import emit  # noqa: E402
+
+# the issue's table: (label, store, query, floor it is measured against)
+QUERIES = [
+    ("by layer, step (dense)", "dense", "influence on test[0..99] by layer, step", "2 nodes"),
+    ("by layer, step (checkpointed)", "ckpt", "influence on test[0..99] by layer, step", "2 nodes + replay"),
+    ("by example", "dense", "influence on test[0..99] by example", "2 nodes + JVP"),
+    ("check", "dense", "check on test[0..99]", "2 nodes"),
+    ("kernel test[0..31] × train[0..127]", "dense", "kernel on test[0..31] from train[0..127]", "2 nodes + JVP"),
+    ("similarity on 32 items", "dense", "similarity on test[0..31]", "2 nodes"),
+]
+
+
+def _peak_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM"):
+            return int(line.split()[1])
+    return 0
+
+
+def child(store: str, query: str, threads: int) -> None:
+    """One query in this (fresh) process: print its measurements as one JSON line."""
+    torch.set_num_threads(threads)
+    import explaind_ql as eq
+    run = eq.open(store)
+    t0 = time.perf_counter()
+    frame = run.query(query)
+    secs = time.perf_counter() - t0
+    st = run.cache.get("last_stats", {})
+    if "residual" in st:
+        residual = st["residual"] / st["change"] if st["change"] else 0.0
+    elif "relative_residual" in frame.columns:  # check reports it per item
+        residual = float(frame["relative_residual"].max())
+    else:
+        residual = None
+    print(json.dumps({"wall": secs, "engine": st.get("seconds"), "peak_mib": _peak_kib() / 1024, "rows": frame.height,
+                      "residual": residual, **{k: st.get(k) for k in ("test_seconds", "trajectory_seconds", "evaluations",
+                                                                    "kinks", "refined_steps", "replayed_steps")}}))
+
+
+def floor(store: str, threads: int) -> dict[str, float]:
+    """Seconds of what a step physically needs, each timed alone (median of 5)."""
+    torch.set_num_threads(threads)
+    import explaind_ql as eq
+    from explaind_ql.engine.kernels import Engine
+    run = eq.open(store)
+    eng = Engine(run)
+    theta = eng.theta0
+    xt, yt = eng.split("test")
+    xs, ys = eng.split("train")
+    xt, yt = xt[:100], yt[:100]
+    fn = eng.fn
+
+    def grad_test():
+        th = theta.clone().requires_grad_(True)
+        fn._call(th, None, None, xt).gather(1, yt.view(-1, 1)).sum().backward()
+
+    def forward_test():
+        fn.forward(theta, xt)
+
+    def jvp_train():
+        fn.per_example_jvp(run.space, theta, theta, xs, ys, theta[None] * 1e-3)
+
+    def grad_train():
+        th = theta.clone().requires_grad_(True)
+        run.loss.fn(fn._call(th, None, None, xs), ys).mean().backward()
+
+    out = {}
+    for name, f in [("gradient, 100 test items summed", grad_test), ("forward, 100 test items", forward_test),
+                    ("batch JVP, 4,000 train pairs", jvp_train), ("full-batch gradient (= one replayed step)", grad_train)]:
+        f()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times)
+    return out
+
+
+def record(dest: Path, steps: int) -> dict[str, tuple[str, float]]:
+    from train import train
+    out = {}
+    for kind, every in [("dense", 1), ("ckpt", "auto")]:
+        path = dest / f"paper-{kind}.zarr"
+        t0 = time.perf_counter()
+        train(path, "paper", log_every=10 ** 9, steps=steps, checkpoint_every=every)
+        out[kind] = (str(path), time.perf_counter() - t0)
+    return out
+
+
+def reference_line() -> str:
+    try:
+        import explaind  # noqa: F401
+    except ImportError:
+        return ("The reference (`explaind` 0.1.0) is not installed here, so its side-by-side run on its own question "
+                "(5 steps, 1 item, all outputs) was skipped: `pip install --no-deps --ignore-requires-python "
+                "explaind==0.1.0` finds no distribution on this machine's package index.")
+    return "The reference is installed: run `python bench/bench_reference.py` for its side-by-side comparison."
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--store", help="record into this folder (kept) instead of a temporary one")
+    ap.add_argument("--only", nargs="*", help="labels (substrings) of the queries to run")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds one query may take")
+    ap.add_argument("--write", action="store_true", help="save the table as bench/RESULTS_paper.md")
+    ap.add_argument("--child", nargs=2, metavar=("STORE", "QUERY"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(*args.child, args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        dest = Path(args.store or tmp)
+        dest.mkdir(parents=True, exist_ok=True)
+        stores = record(dest, args.steps)
+        fl = floor(stores["dense"][0], args.threads)
+        g, jvp, replay = (fl["gradient, 100 test items summed"], fl["batch JVP, 4,000 train pairs"],
+                          fl["full-batch gradient (= one replayed step)"])
+        floors = {"2 nodes": 2 * g, "2 nodes + replay": 2 * g + replay, "2 nodes + JVP": 2 * g + jvp}
+        lines = [f"# The paper's scale ({time.strftime('%Y-%m-%d')})", "",
+                 f"`python bench/bench_paper.py --steps {args.steps} --threads {args.threads}`: the paper config "
+                 f"(p = 113, 89,024 params, 4,000 train and 2,000 test pairs, ReLU, float32, full-batch AdamW), "
+                 f"{args.steps} steps, recorded dense in {stores['dense'][1]:.1f} s and checkpointed in "
+                 f"{stores['ckpt'][1]:.1f} s. Each query ran in its own process on {args.threads} threads, with "
+                 "the default adaptive tolerance (1e-6). torch " + torch.__version__ + ".", "",
+                 "## The floor, measured in this run", "", "| what | ms |", "|---|---|"]
+        lines += [f"| {k} | {v * 1e3:.1f} |" for k, v in fl.items()]
+        lines += ["", "## Per step", "",
+                  "| query | s/step | floor s/step | × floor | peak MiB | residual | evaluations/step | kinks/step "
+                  "| test s | trajectory s | train s | frames s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        print("\n".join(lines), flush=True)
+        for label, store, query, fname in QUERIES:
+            if args.only and not any(o in label for o in args.only):
+                continue
+            cmd = [sys.executable, __file__, "--threads", str(args.threads), "--child", stores[store][0], query]
+            try:
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                res = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else None
+            except subprocess.TimeoutExpired:
+                p, res = None, None
+            if res is None:
+                why = "timed out" if p is None else (p.stderr.strip().splitlines() or ["failed"])[-1][:120]
+                lines.append(f"| {label} | {why} (over {args.timeout:.0f} s) |" if p is None else f"| {label} | {why} |")
+            else:
+                n, fs = args.steps, floors[fname]
+                engine = res["engine"] if res["engine"] is not None else res["wall"]  # check & co: all engine
+                test, traj = res["test_seconds"] or 0.0, res["trajectory_seconds"] or 0.0
+                train_s = max(0.0, engine - test - traj)
+                frames = res["wall"] - engine
+                per = res["wall"] / n
+                resid = "—" if res["residual"] is None else f"{res['residual']:.1e}"
+                ev = "—" if res["evaluations"] is None else f"{res['evaluations'] / n:.0f}"
+                kk = "—" if res["kinks"] is None else f"{res['kinks'] / n:.0f}"
+                phases = (f"{test:.1f} | {traj:.1f} | {train_s:.1f} | {frames:.1f}" if res["engine"] is not None
+                          else "— | — | — | —")  # check, similarity: the model run directly, no phases
+                lines.append(f"| `{query}` | {per:.3f} | {fs:.3f} | {per / fs:.1f}× | {res['peak_mib']:.0f} | {resid} "
+                             f"| {ev} | {kk} | {phases} |")
+            print(lines[-1], flush=True)
+        lines += ["", "Residual: the replication residual the result reports (largest |exact change − sum of terms| "
+                  "over targets, relative to the largest change; for `check`, the largest per item). "
+                  "Phases are summed over the whole query: test side (φ or projections, kink location and "
+                  "correction), trajectory (reading and replaying states), train side (per-example gradients "
+                  "and JVPs), frames (the rest of the wall time, mostly building the frame).", "", reference_line()]
+        print("\n".join(lines[-3:]))
+        if args.write:
+            (HERE / "RESULTS_paper.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
