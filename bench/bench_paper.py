@@ -27,10 +27,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "examples" / "grokking"))
-sys.path.insert(0, str(HERE / "reference"))
-
-from report import emit  # noqa: E402
+sys.path.append(str(HERE.parent / "examples" / "grokking"))  # train.py: the paper config
 
 # the table: (label, store, query, floor it is measured against)
 QUERIES = [

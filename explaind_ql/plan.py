@@ -24,6 +24,7 @@ from typing import Any
 
 from .engine import budget as engine_budget
 from .engine.kernels import CALL_BYTES, JVP_MAX_TANGENTS, Engine, Request
+from .engine.quadrature import KINKED_NODES
 from .engine.targets import TargetSpec
 from .run import Run
 from .semantic import Bound
@@ -225,9 +226,13 @@ def render(plan: Plan, run: Run, engine: Engine, analyzed: dict | None = None) -
     flops = plan.costs.get(strategy, 0.0)
     need = _max_leaf_bytes(plan.chunks) if plan.chunks else 0
     t = req.target
-    quad = (f"Gauss–Legendre {req.nodes} nodes on each half, split at ReLU kinks, adaptive to {req.tolerance:g}"
-            if req.tolerance is not None else f"{'midpoint' if req.rule == 'midpoint' else 'Gauss–Legendre'} "
-                                              f"{req.nodes} nodes, fixed")
+    if req.tolerance is None:
+        quad = f"{'midpoint' if req.rule == 'midpoint' else 'Gauss–Legendre'} {req.nodes} nodes, fixed (not adaptive)"
+    elif engine.kink_segments:
+        quad = (f"Gauss–Legendre {max(req.nodes, KINKED_NODES)} nodes per step corrected for every ReLU kink, cut "
+                f"where two layers' kinks meet, halved where that misses the exact change; adaptive to {req.tolerance:g}")
+    else:
+        quad = f"Gauss–Legendre {req.nodes} nodes per step, halved where estimates disagree; adaptive to {req.tolerance:g}"
     if req.strategy == "project":
         quad += "; derivatives in each group's share of Δθ and decay (no φ)"
     keys = ", ".join(b.dims) or "(one row per term)"

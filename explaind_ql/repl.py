@@ -114,7 +114,7 @@ class Repl:
         self.last = frame
         out = frame_text(frame, self.fmt).rstrip("\n")
         line = residual_line(self.run.cache.pop("last_stats", {}))
-        if line:
+        if line and self.fmt == "table":  # csv and json stay machine-readable
             out += f"\n{line}"
         if self.timer:
             out += f"\n({frame.height} rows, {elapsed:.3f} s)"

@@ -9,6 +9,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -346,6 +347,7 @@ def test_console_script_exit_codes(run_path, broken_run, tmp_path):
         assert proc.returncode == cases[name][1], (name, stderr)
         assert "Traceback" not in stderr
         if name == "ok":
-            assert stdout.startswith("layer,term,influence") and stderr == ""
+            assert stdout.startswith("layer,term,influence")  # the table alone on stdout, the residual under it
+            assert re.fullmatch(r"replication residual \S+ \(\S+ of the change; adaptive to 1e-06\)\n", stderr)
         else:
             assert stdout == "" and stderr.strip()

@@ -248,3 +248,42 @@ def test_cuda_matches_cpu(toy_run, optimizer):
     assert gpu.gradient.device.type == "cuda"
     assert rel(gpu.gradient.cpu(), cpu.gradient) <= 1e-9
     assert rel(gpu.total().cpu(), gpu.actual.cpu()) <= 1e-10
+
+
+@pytest.mark.parametrize("strategy", ["project", "fold"])
+def test_relu_aggregated_items_agree_with_items_kept_and_report_their_true_residual(toy_run, strategy):
+    """On a ReLU model the aggregated target (items integrated apart, kink-corrected, refined against
+    the sum's budget) agrees with the per-item result summed, to the tolerance; and the residual the
+    result reports is the true one: the exact change that `check` measures, against the sum of terms."""
+    path = toy_run("transformer", "adamw", act="relu", steps=STEPS)
+    run = eq.open(path)
+    items = tuple(range(run.split_size("test")))
+    tol = 1e-8
+    base = request(run, by="all", items=items, tolerance=tol, strategy=strategy,
+                   **({"examples": tuple(range(run.split_size("train")))} if strategy == "fold" else {}))
+    eng = Engine(run)
+    agg = eng.run_request(dataclasses.replace(base, target=dataclasses.replace(base.target, keep_test=False)))
+    run.cache.clear()
+    kept = eng.run_request(base)
+    assert agg.stats["kinks"] > 0 and agg.stats["corrected_lanes"] > 0  # the correction did the work
+    change = float(kept.actual.sum().abs())
+    assert abs(float(agg.total().sum() - kept.total().sum())) <= 2 * tol * change
+    assert rel(agg.weight_decay.sum(0), kept.weight_decay.sum((0, 1))) <= 1e-6
+    check = eq.open(path).query(f"check on test[0..{len(items) - 1}]")
+    actual = float(check["actual"].sum())
+    assert abs(actual - float(agg.actual.sum())) <= 1e-12 * max(1.0, abs(actual))
+    assert agg.stats["residual"] == pytest.approx(abs(actual - float(agg.total().sum())), rel=1e-6, abs=1e-15)
+    assert agg.stats["residual"] <= tol * agg.stats["change"]
+
+
+def test_a_fixed_rule_reports_its_error_as_not_adaptive(toy_run):
+    """`using quadrature 2` on a ReLU model: the residual line says the rule is fixed and gives its error."""
+    from explaind_ql.results import residual_line
+    run = eq.open(toy_run("transformer", "adamw", act="relu", steps=STEPS))
+    frame = run.query("influence on test[*] by layer using quadrature 2")
+    st = run.cache["last_stats"]
+    actual = float(run.query("check on test[*]")["actual"].sum())
+    assert st["residual"] == pytest.approx(abs(actual - frame["influence"].sum()), rel=1e-6)
+    assert st["residual"] > 1e-6 * st["change"]  # two nodes do not resolve the kinks: the error is visible
+    line = residual_line(st)
+    assert "fixed 2-node rule, not adaptive" in line and f"{st['residual']:.2e}" in line

@@ -227,3 +227,9 @@ def test_ipython_magics(run_path, tmp_path, monkeypatch):
         ip.run_line_magic("eql", f"{run_path} influence of layer nope")
     with pytest.raises(UsageError, match="usage"):
         ip.run_line_magic("eql", "r")
+
+
+def test_an_influence_table_shows_its_replication_residual(repl):
+    out = repl.handle("influence on test[*] by layer;")
+    assert out.splitlines()[-1].startswith("replication residual ") and "adaptive to 1e-06" in out
+    assert "replication residual" not in repl.handle("check on test[0];")  # check reports it as columns

@@ -134,6 +134,8 @@ class Engine:
         self.theta0 = run.stored_state(0)[0].to(self.device, dtype)
         self.n_out = int(self.fn.forward(self.theta0, self.split(run.splits[0])[0][:1]).reshape(1, -1).shape[1])
         self.max_batch = int(run.step_var("batch_size").max()) if run.n_steps else 1
+        # ReLU-family inputs per call of one item's forward pass: where the integrand can have kinks
+        self.kink_segments = self.fn.kink_segments(self.theta0, self.split(run.splits[0])[0][:1])
 
     def target_labels(self, spec: TargetSpec) -> list[tuple[int | None, int | None]]:
         return targets.labels(spec, self.n_out)
@@ -260,7 +262,7 @@ class _Context:
         # kinks (each item's kinks are then corrected for, and cut at, on its own steps only; aggregated
         # targets are summed afterwards); else one lane of all items, which takes one gradient of the
         # summed target per node
-        self.segments = eng.fn.kink_segments(eng.theta0, x[items][:1])
+        self.segments = eng.kink_segments
         self.kinked = bool(self.segments)
         per_item = len(req.target.items) > 1 and (req.target.keep_test or self.kinked)
         spec = dataclasses.replace(req.target, keep_test=True) if per_item else req.target

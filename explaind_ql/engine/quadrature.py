@@ -227,47 +227,58 @@ class _Rule:
         (z0, d0), (z1, d1) = self._slopes[(lo, lane)], self._slopes[(hi, lane)]
         return locate_kinks(z0, z1, d0 * (hi - lo), d1 * (hi - lo))
 
-    def cuts(self, lo: float, hi: float, lane: int) -> list[float]:
-        """Where to cut a span whose corrected estimate missed: at the kinks of all its ReLU calls but
+    def cuts(self, spans: list[tuple[float, float, int]]) -> list[list[float]]:
+        """Where to cut each span whose corrected estimate missed: at the kinks of all its ReLU calls but
         the one with the most, in order (none when its kinks are in one call).
 
         A kink's jump depends on the masks of the other calls' units (a unit's downstream weights,
         or its input), so two calls' kinks on one span leave a cross term the correction does not
         see; inside one call the units do not meet until the next layer, and what is left is small.
         """
-        if not self.kinked or len(self.fn.segments) < 2:
-            return []
-        kinks = self.kinks(lo, hi, lane)
-        crossing = kinks.sign != 0
-        if self.fn.live is not None:
-            crossing &= self.fn.live[lane]
-        parts = list(zip(kinks.t.split(self.fn.segments), crossing.split(self.fn.segments)))
-        counts = [int(c.sum()) for _, c in parts]
-        if sum(c > 0 for c in counts) < 2:
-            return []
-        most = counts.index(max(counts))
+        if not self.kinked or len(self.fn.segments) < 2 or not spans:
+            return [[] for _ in spans]
         offsets = [0] + list(itertools.accumulate(self.fn.segments))
-        units = torch.cat([torch.nonzero(c).flatten() + offsets[k] for k, (_, c) in enumerate(parts) if k != most])
-        return sorted(dict.fromkeys(t for t in self._polished(lo, hi, lane, units) if lo < t < hi))
+        chosen = []  # (span, units to cut at)
+        for k, (lo, hi, lane) in enumerate(spans):
+            crossing = self.kinks(lo, hi, lane).sign != 0
+            if self.fn.live is not None:
+                crossing &= self.fn.live[lane]
+            parts = crossing.split(self.fn.segments)
+            counts = [int(c.sum()) for c in parts]
+            if sum(c > 0 for c in counts) < 2:
+                continue
+            most = counts.index(max(counts))
+            chosen.append((k, torch.cat([torch.nonzero(c).flatten() + offsets[j]
+                                         for j, c in enumerate(parts) if j != most])))
+        out: list[list[float]] = [[] for _ in spans]
+        if chosen:
+            span_of = torch.cat([torch.full((len(u),), k) for k, u in chosen])
+            ts = self._polished([spans[int(k)] for k in span_of], torch.cat([u for _, u in chosen]))
+            for k, t in zip(span_of.tolist(), ts):
+                lo, hi, _ = spans[k]
+                if lo < t < hi:
+                    out[k].append(t)
+        return [sorted(dict.fromkeys(c)) for c in out]
 
-    def _polished(self, lo: float, hi: float, lane: int, units: torch.Tensor) -> list[float]:
-        """Where the given units' inputs cross zero on [lo, hi], to rounding: the Hermite root, re-bracketed.
+    def _polished(self, spans: list[tuple[float, float, int]], units: torch.Tensor) -> list[float]:
+        """Where each unit's input crosses zero on its span, to rounding: the Hermite root, re-bracketed.
 
         A cut must sit on its kink: a unit downstream of other kinks has an input whose slope jumps
         there, which the span's end values cannot see, so each root is evaluated and its bracket
-        narrowed (one batched forward-mode call per round, a row per unit).
+        narrowed (one batched forward-mode call per round for all of them, a row per unit).
         """
-        a = torch.full((len(units),), lo, dtype=self.dtype, device=self.device)
-        b = torch.full_like(a, hi)
-        (z0, d0), (z1, d1) = self._slopes[(lo, lane)], self._slopes[(hi, lane)]
-        za, da, zb, db = z0[units], d0[units], z1[units], d1[units]
+        a = torch.tensor([lo for lo, _, _ in spans], dtype=self.dtype, device=self.device)
+        b = torch.tensor([hi for _, hi, _ in spans], dtype=self.dtype, device=self.device)
+        lanes = [lane for *_, lane in spans]
+        idx = torch.arange(len(units))
+        za, da = (torch.stack([self._slopes[(lo, ln)][j] for lo, _, ln in spans])[idx, units] for j in (0, 1))
+        zb, db = (torch.stack([self._slopes[(hi, ln)][j] for _, hi, ln in spans])[idx, units] for j in (0, 1))
         t = a
         for _ in range(POLISH_ROUNDS):
             t = a + (b - a) * locate_kinks(za, zb, da * (b - a), db * (b - a)).t
-            points = [(float(v), lane) for v in t]
+            points = [(float(v), ln) for v, ln in zip(t.tolist(), lanes)]
             self._ensure_slopes(points)
-            zt = torch.stack([self._slopes[p][0][u] for p, u in zip(points, units.tolist())])
-            dt = torch.stack([self._slopes[p][1][u] for p, u in zip(points, units.tolist())])
+            zt, dt = (torch.stack([self._slopes[p][j] for p in points])[idx, units] for j in (0, 1))
             if bool((zt.abs() <= 64 * torch.finfo(self.dtype).eps * (za.abs() + zb.abs())).all()):
                 break
             left = zt * za > 0  # still on the start's side: the root lies above t
@@ -281,22 +292,23 @@ class _Rule:
         if not self.kinked:
             return _estimates(self.fn.values_at, spans, self.n, self.dtype, self.device, self.stats, self.rule)
         self._ensure_slopes([(t, lane) for lo, hi, lane in spans for t in (lo, hi)])
-        t, w = nodes(self.n, self.dtype, self.device)
-        ts, ws, tails, shares, sides = [], [], [], [], []
-        for lo, hi, lane in spans:
-            kinks = self.kinks(lo, hi, lane)
-            if (lo, hi) == (0.0, 1.0):
-                self.stats.kinks += kinks.count
-            tail, share = kink_coefficients(kinks, self.n)  # (n, U), on the span scaled to [0, 1]
-            ts.append(lo + (hi - lo) * t)
-            ws.append((hi - lo) * w)
-            tails.append((hi - lo) * tail)
-            shares.append((hi - lo) * share)
-            sides.append(kinks.end_side.expand(self.n, -1))
-        lanes = torch.tensor([lane for *_, lane in spans], device=self.device).repeat_interleave(self.n)
-        v = self.fn.jumped(torch.cat(ts), lanes, torch.cat(ws), torch.cat(tails), torch.cat(shares), torch.cat(sides))
-        self.stats.evaluations += len(spans) * self.n
-        return list(v.unflatten(0, (len(spans), self.n)).sum(1))
+        n, S = self.n, len(spans)
+        ends = [[self._slopes[(lo, lane)] for lo, _, lane in spans], [self._slopes[(hi, lane)] for _, hi, lane in spans]]
+        (z0, d0), (z1, d1) = [tuple(torch.stack(v) for v in zip(*e)) for e in ends]  # (S, U) each
+        lo, hi = (torch.tensor([sp[k] for sp in spans], dtype=self.dtype, device=self.device) for k in (0, 1))
+        width = (hi - lo)[:, None]
+        kinks = locate_kinks(z0, z1, d0 * width, d1 * width)  # all spans at once, each on its own [0, 1]
+        whole = (lo == 0) & (hi == 1)
+        self.stats.kinks += int((kinks.sign[whole] != 0).sum())
+        tail, share = kink_coefficients(kinks, n)  # (n, S, U)
+        t, w = nodes(n, self.dtype, self.device)
+        lanes = torch.tensor([lane for *_, lane in spans], device=self.device).repeat_interleave(n)
+        v = self.fn.jumped((lo[:, None] + width * t).flatten(), lanes, (width * w).flatten(),
+                           (tail * width[None]).transpose(0, 1).flatten(0, 1),
+                           (share * width[None]).transpose(0, 1).flatten(0, 1),
+                           kinks.end_side.repeat_interleave(n, dim=0))
+        self.stats.evaluations += S * n
+        return list(v.unflatten(0, (S, n)).sum(1))
 
 
 def integrate(fn: Integrand, n: int, budget: torch.Tensor | None, step: int, stats: QuadStats, dtype, device,
@@ -362,12 +374,16 @@ def integrate(fn: Integrand, n: int, budget: torch.Tensor | None, step: int, sta
             f_lo, f_hi = f_edges[2 * k], f_edges[2 * k + 1]
             if f_lo is not None:
                 miss = _miss(fn, w, f_lo, f_hi)
-                if pooled or bool((miss <= _allowance(fn, w, shares[lane])).all()) or est.cuts(lo, hi, lane):
+                if pooled:  # the pool's error is that of the items' sum: misses of opposite sign cancel in it
+                    signed[(lo, hi, lane)] = (fn.along(w) - (f_hi - f_lo),
+                                              16 * torch.finfo(w.dtype).eps * (f_hi.abs() + f_lo.abs()))
+                if pooled or bool((miss <= _allowance(fn, w, shares[lane])).all()) or est.cuts([(lo, hi, lane)])[0]:
                     kept.append((lo, hi, lane, w, miss, f_lo, f_hi, None, None))
                     continue
             pending.append((lo, hi, lane, w, f_lo, f_hi))
         return kept + pieces_of(pending)
 
+    signed: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # pooled kept pieces: (signed miss, rounding)
     pieces = judged(whole)
     if pooled and fn.f_at is not None:  # the budget of the lanes' sum, shrunk by how much its parts cancel
         shares = torch.minimum(shares, _allowance(fn, sum(p[3] for p in pieces), shares[0]))
@@ -377,8 +393,14 @@ def integrate(fn: Integrand, n: int, budget: torch.Tensor | None, step: int, sta
     splits = [0] * L
     while True:
         err = torch.zeros_like(shares)
+        miss_sum, rounding = torch.zeros_like(shares[0]), torch.zeros_like(shares[0])
         for p in pieces:
-            err[pool[p[2]]] += p[4]
+            if p[7] is None and p[:3] in signed:
+                miss_sum, rounding = miss_sum + signed[p[:3]][0], rounding + signed[p[:3]][1]
+            else:
+                err[pool[p[2]]] += p[4]
+        if pooled:
+            err[0] += (miss_sum.abs() - rounding).clamp_min(0)
         over = {b for b in range(len(shares)) if bool((err[b] > shares[b]).any())}
         open_ = [i for i, p in enumerate(pieces) if pool[p[2]] in over and splits[p[2]] < max_splits]
         if not open_:
@@ -389,9 +411,8 @@ def integrate(fn: Integrand, n: int, budget: torch.Tensor | None, step: int, sta
             worst[pool[pieces[i][2]]] = max(worst.get(pool[pieces[i][2]], 0.0), rank[i])
         chosen = [i for i in open_ if rank[i] >= worst[pool[pieces[i][2]]] / 2]
         halve, spans, fresh = [], [], []
-        for i in chosen:
+        for i, cuts in zip(chosen, est.cuts([pieces[i][:3] for i in chosen])):
             lo, hi, lane, fine, _, f_lo, f_hi, left, halves = pieces[i]
-            cuts = est.cuts(lo, hi, lane)
             if cuts:  # kinks of several ReLU calls: cut at all but the most frequent call's
                 edges = [lo] + cuts + [hi]
                 fresh += [(a, b, lane) for a, b in zip(edges, edges[1:])]
