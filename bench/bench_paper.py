@@ -184,7 +184,7 @@ def main() -> None:
                 kk = "—" if res["kinks"] is None else f"{res['kinks'] / n:.0f}"
                 phases = (f"{test:.1f} | {traj:.1f} | {train_s:.1f} | {frames:.1f}" if res["engine"] is not None
                           else "— | — | — | —")  # check, similarity: the model run directly, no phases
-                lines.append(f"| `{query}` | {per:.3f} | {fs:.3f} | {per / fs:.1f}× | {res['peak_mib']:.0f} | {resid} "
+                lines.append(f"| {label}: `{query}` | {per:.3f} | {fs:.3f} | {per / fs:.1f}× | {res['peak_mib']:.0f} | {resid} "
                              f"| {ev} | {kk} | {phases} |")
             print(lines[-1], flush=True)
         lines += ["", "Residual: the replication residual the result reports (largest |exact change − sum of terms| "

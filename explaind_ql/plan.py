@@ -229,10 +229,12 @@ def render(plan: Plan, run: Run, engine: Engine, analyzed: dict | None = None) -
     if req.tolerance is None:
         quad = f"{'midpoint' if req.rule == 'midpoint' else 'Gauss–Legendre'} {req.nodes} nodes, fixed (not adaptive)"
     elif engine.kink_segments:
-        quad = (f"Gauss–Legendre {max(req.nodes, KINKED_NODES)} nodes per step corrected for every ReLU kink, cut "
-                f"where two layers' kinks meet, halved where that misses the exact change; adaptive to {req.tolerance:g}")
+        quad = (f"Gauss–Legendre {max(req.nodes, KINKED_NODES)} nodes per step corrected for every ReLU kink, "
+                f"cut where two layers' kinks meet, halved where that misses the exact change; "
+                f"adaptive to {req.tolerance:g}")
     else:
-        quad = f"Gauss–Legendre {req.nodes} nodes per step, halved where estimates disagree; adaptive to {req.tolerance:g}"
+        quad = (f"Gauss–Legendre {req.nodes} nodes per step, halved where estimates disagree; "
+                f"adaptive to {req.tolerance:g}")
     if req.strategy == "project":
         quad += "; derivatives in each group's share of Δθ and decay (no φ)"
     keys = ", ".join(b.dims) or "(one row per term)"

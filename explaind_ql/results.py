@@ -136,7 +136,8 @@ def residual_line(stats: dict) -> str | None:
 
     The residual is the exact change F(θ_b) − F(θ_a) of the targets against the sum of all their
     terms (largest over targets, and relative to the largest change). A restricted selection
-    (some params) has no exact change to compare with; a fixed rule says it is not adaptive.
+    (some params, some training examples) has no exact change to compare with; a fixed rule
+    says it is not adaptive.
     """
     if "residual" not in stats:
         return None

@@ -269,9 +269,11 @@ class _Context:
         loss = eng.run.loss
         self.lanes = Lanes(x[items][:, None] if per_item else x[items][None],
                            y[items][:, None] if per_item else y[items][None],
-                           lambda out, yl: targets.make(spec, yl, loss)(out), summed=per_item and not req.target.keep_test)
+                           lambda out, yl: targets.make(spec, yl, loss)(out),
+                           summed=per_item and not req.target.keep_test)
+        # which ReLU inputs reach the targets at all: the adaptive rule cuts only at those
         self.live = (eng.fn.live_sites(eng.theta0, self.lanes.target, self.lanes.x, self.lanes.y)
-                     if self.kinked else None)
+                     if self.kinked and req.tolerance is not None else None)
         self.labels = eng.target_labels(req.target)
         self.T = len(self.labels)
         self.col, self.chosen = example_columns(eng.run.split_size("train"), req, dev)
@@ -568,7 +570,8 @@ class _Context:
 
     # -- result ------------------------------------------------------------------------------
     def result(self) -> Result:
-        if self.all_params:  # the exact F(θ_b) − F(θ_a) against the sum of every term: what was achieved
+        every_example = self.req.examples is None or len(set(self.req.examples)) == self.eng.run.split_size("train")
+        if self.all_params and every_example:  # the exact F(θ_b) − F(θ_a) against the sum of every term
             total = self.grad.sum((0, 2, 3)) + self.wd.sum((0, 2)) + self.mom.sum((0, 2))
             actual = self.step_actual.sum(0)
             self.stats.update(residual=float((actual - total).abs().max()), change=float(actual.abs().max()))

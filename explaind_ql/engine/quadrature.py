@@ -7,8 +7,9 @@ are located from the inputs and their t-derivatives at the step's ends, and the 
 rule is first *corrected* for them (:func:`kink_coefficients`): the model is multilinear
 in its ReLU masks, so every kink's jump, weighted by what the rule owes it, is one
 forward-mode derivative per node, whatever the number of kinks. Where that corrected
-estimate misses the exact change F(θ_{s+1}) − F(θ_s), the step is split at the kinks
-and refined as before. The halves' estimate is kept.
+estimate misses the exact change F(θ_{s+1}) − F(θ_s) and kinks of several ReLU calls
+(layers) meet, whose jumps change each other's, the step is cut at the rarer calls' kinks;
+elsewhere it is halved as before. The halves' estimate is kept.
 """
 
 from __future__ import annotations
@@ -293,7 +294,8 @@ class _Rule:
             return _estimates(self.fn.values_at, spans, self.n, self.dtype, self.device, self.stats, self.rule)
         self._ensure_slopes([(t, lane) for lo, hi, lane in spans for t in (lo, hi)])
         n, S = self.n, len(spans)
-        ends = [[self._slopes[(lo, lane)] for lo, _, lane in spans], [self._slopes[(hi, lane)] for _, hi, lane in spans]]
+        ends = [[self._slopes[(lo, lane)] for lo, _, lane in spans],
+                [self._slopes[(hi, lane)] for _, hi, lane in spans]]
         (z0, d0), (z1, d1) = [tuple(torch.stack(v) for v in zip(*e)) for e in ends]  # (S, U) each
         lo, hi = (torch.tensor([sp[k] for sp in spans], dtype=self.dtype, device=self.device) for k in (0, 1))
         width = (hi - lo)[:, None]
