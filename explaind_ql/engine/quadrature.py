@@ -26,6 +26,7 @@ MAX_SPLITS = 256
 # nodes of the kink-corrected rule: its leading error is each jump's interpolation through the nodes,
 # measured 10× smaller with 3 nodes than with 2 on the paper's grokking model, for 1.5× the work
 KINKED_NODES = 3
+FEW_KINKS = 8  # a span missing with at most this many kinks, all of one call, is cut at each of them
 POLISH_ROUNDS = 4  # evaluations that narrow a cut's bracket; a cut needs its kink placed to rounding
 KINK_ITERATIONS = 30  # safeguarded Newton steps on each crossing's cubic (elementwise, no model evaluations)
 PIECES_BYTES = 256 << 20  # live pieces keep their (T, P) estimates: refinement is capped to fit this
@@ -230,13 +231,15 @@ class _Rule:
 
     def cuts(self, spans: list[tuple[float, float, int]]) -> list[list[float]]:
         """Where to cut each span whose corrected estimate missed: at the kinks of all its ReLU calls but
-        the one with the most, in order (none when its kinks are in one call).
+        the one with the most, in order; at each kink when they are a few of one call; else nowhere.
 
         A kink's jump depends on the masks of the other calls' units (a unit's downstream weights,
         or its input), so two calls' kinks on one span leave a cross term the correction does not
-        see; inside one call the units do not meet until the next layer, and what is left is small.
+        see. The correction is also first order in each mask: where the layers after a unit are
+        curved (a softmax right after the last ReLU), its jump away from the kink is off by a term
+        that grows with the unit's input, and a cut at the kink removes it.
         """
-        if not self.kinked or len(self.fn.segments) < 2 or not spans:
+        if not self.kinked or not spans:
             return [[] for _ in spans]
         offsets = [0] + list(itertools.accumulate(self.fn.segments))
         chosen = []  # (span, units to cut at)
@@ -246,11 +249,12 @@ class _Rule:
                 crossing &= self.fn.live[lane]
             parts = crossing.split(self.fn.segments)
             counts = [int(c.sum()) for c in parts]
-            if sum(c > 0 for c in counts) < 2:
-                continue
-            most = counts.index(max(counts))
-            chosen.append((k, torch.cat([torch.nonzero(c).flatten() + offsets[j]
-                                         for j, c in enumerate(parts) if j != most])))
+            if sum(c > 0 for c in counts) >= 2:
+                most = counts.index(max(counts))
+                chosen.append((k, torch.cat([torch.nonzero(c).flatten() + offsets[j]
+                                             for j, c in enumerate(parts) if j != most])))
+            elif 0 < sum(counts) <= FEW_KINKS:  # one call's few kinks: cut at each, the pieces are smooth
+                chosen.append((k, torch.nonzero(crossing).flatten()))
         out: list[list[float]] = [[] for _ in spans]
         if chosen:
             span_of = torch.cat([torch.full((len(u),), k) for k, u in chosen])
