@@ -262,8 +262,7 @@ class _Context:
         # kinks (each item's kinks are then corrected for, and cut at, on its own steps only; aggregated
         # targets are summed afterwards); else one lane of all items, which takes one gradient of the
         # summed target per node
-        self.segments = eng.kink_segments
-        self.kinked = bool(self.segments)
+        self.kinked = bool(eng.kink_segments)
         per_item = len(req.target.items) > 1 and (req.target.keep_test or self.kinked)
         spec = dataclasses.replace(req.target, keep_test=True) if per_item else req.target
         loss = eng.run.loss
@@ -365,7 +364,7 @@ class _Context:
         jumped = (partial(rows, max(1, per_call // 2), lambda t, x, y, *jumps: at_rows(t, x, y, jumps))
                   if self.kinked else None)
         integrand = quadrature.Integrand(partial(rows, per_call, at_rows), along, error, lanes.count, cat_dim,
-                                         f_at, slopes, spread, jumped, self.segments, self.live)
+                                         f_at, slopes, spread, jumped, self.eng.kink_segments, self.live)
         out = quadrature.integrate(integrand, self.req.nodes, self.budget, rec.s, self.qstats, self.eng.dtype,
                                    self.eng.device, self.req.rule, pooled=lanes.summed)
         return out.unflatten(cat_dim, (lanes.count, -1)).sum(cat_dim) if lanes.summed else out  # Σ_x ∫∇F_x

@@ -224,10 +224,18 @@ class _Rule:
         for k, p in enumerate(todo):
             self._slopes[p] = (z[k].to(self.dtype), d[k].to(self.dtype))
 
-    def kinks(self, lo: float, hi: float, lane: int) -> Kinks:
-        """The lane's kinks inside [lo, hi], in that span's own coordinate s = (t − lo) / (hi − lo)."""
-        (z0, d0), (z1, d1) = self._slopes[(lo, lane)], self._slopes[(hi, lane)]
-        return locate_kinks(z0, z1, d0 * (hi - lo), d1 * (hi - lo))
+    def _ends(self, spans: list[tuple[float, float, int]]) -> tuple[torch.Tensor, ...]:
+        """(z, dz/dt) at every span's start, then at its end: (S, U) each, evaluated where not yet kept."""
+        self._ensure_slopes([(t, lane) for lo, hi, lane in spans for t in (lo, hi)])
+        return tuple(torch.stack([self._slopes[(sp[end], sp[2])][j] for sp in spans])
+                     for end in (0, 1) for j in (0, 1))
+
+    def kinks(self, spans: list[tuple[float, float, int]]) -> tuple[Kinks, torch.Tensor, torch.Tensor]:
+        """Every span's kinks, (S, U), each in its own coordinate s = (t − lo) / (hi − lo); with lo and hi − lo."""
+        z0, d0, z1, d1 = self._ends(spans)
+        lo, hi = (torch.tensor([sp[k] for sp in spans], dtype=self.dtype, device=self.device) for k in (0, 1))
+        width = (hi - lo)[:, None]
+        return locate_kinks(z0, z1, d0 * width, d1 * width), lo, width
 
     def cuts(self, spans: list[tuple[float, float, int]]) -> list[list[float]]:
         """Where to cut each span whose corrected estimate missed: at the kinks of all its ReLU calls but
@@ -243,8 +251,9 @@ class _Rule:
             return [[] for _ in spans]
         offsets = [0] + list(itertools.accumulate(self.fn.segments))
         chosen = []  # (span, units to cut at)
+        kinks = self.kinks(spans)[0]
         for k, (lo, hi, lane) in enumerate(spans):
-            crossing = self.kinks(lo, hi, lane).sign != 0
+            crossing = kinks.sign[k] != 0
             if self.fn.live is not None:
                 crossing &= self.fn.live[lane]
             parts = crossing.split(self.fn.segments)
@@ -276,8 +285,7 @@ class _Rule:
         b = torch.tensor([hi for _, hi, _ in spans], dtype=self.dtype, device=self.device)
         lanes = [lane for *_, lane in spans]
         idx = torch.arange(len(units))
-        za, da = (torch.stack([self._slopes[(lo, ln)][j] for lo, _, ln in spans])[idx, units] for j in (0, 1))
-        zb, db = (torch.stack([self._slopes[(hi, ln)][j] for _, hi, ln in spans])[idx, units] for j in (0, 1))
+        za, da, zb, db = (v[idx, units] for v in self._ends(spans))
         t = a
         for _ in range(POLISH_ROUNDS):
             t = a + (b - a) * locate_kinks(za, zb, da * (b - a), db * (b - a)).t
@@ -296,15 +304,9 @@ class _Rule:
             return []
         if not self.kinked:
             return _estimates(self.fn.values_at, spans, self.n, self.dtype, self.device, self.stats, self.rule)
-        self._ensure_slopes([(t, lane) for lo, hi, lane in spans for t in (lo, hi)])
         n, S = self.n, len(spans)
-        ends = [[self._slopes[(lo, lane)] for lo, _, lane in spans],
-                [self._slopes[(hi, lane)] for _, hi, lane in spans]]
-        (z0, d0), (z1, d1) = [tuple(torch.stack(v) for v in zip(*e)) for e in ends]  # (S, U) each
-        lo, hi = (torch.tensor([sp[k] for sp in spans], dtype=self.dtype, device=self.device) for k in (0, 1))
-        width = (hi - lo)[:, None]
-        kinks = locate_kinks(z0, z1, d0 * width, d1 * width)  # all spans at once, each on its own [0, 1]
-        whole = (lo == 0) & (hi == 1)
+        kinks, lo, width = self.kinks(spans)  # all spans at once, each on its own [0, 1]
+        whole = (lo == 0) & (width[:, 0] == 1)
         self.stats.kinks += int((kinks.sign[whole] != 0).sum())
         tail, share = kink_coefficients(kinks, n)  # (n, S, U)
         t, w = nodes(n, self.dtype, self.device)
