@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "reference"))
 
 from adapter import _reset_peak_rss, _vm_kib, run_reference  # noqa: E402
-from shared import record_shared  # noqa: E402
+from shared import REF_FACTORY, record_shared  # noqa: E402
 
 from report import emit  # noqa: E402  (bench/ is on sys.path when run as a script)
 import explaind_ql as eq  # noqa: E402
@@ -67,7 +67,7 @@ MODES = {  # row label → how our side is run (each in a fresh process, so peak
 def ours(store: str, mode: str, out: str) -> None:
     """Child process: answer QUESTION on ``store`` and save time, peak memory and the predictions."""
     torch.set_num_threads(1)
-    run = eq.open(store)
+    run = eq.open(store, trust=[REF_FACTORY.partition(":")[0]])  # the reference's model, installed by hand
     n_test = run.split_size("test")
     using = {"float32": " using dtype float32", "budget": " using budget 16MiB",
              "lean": " using dtype float32, budget 16MiB"}.get(mode, "")

@@ -24,10 +24,14 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
 
 
-def open(path):  # noqa: A001 - the public name is part of the contract
-    """Open a recorded run for querying (one-line StoreError if it cannot be read)."""
+def open(path, trust=None):  # noqa: A001 - the public name is part of the contract
+    """Open a recorded run for querying (one-line StoreError if it cannot be read).
+
+    ``trust``: module names (``["mypkg.models"]``) the store may import its model factory
+    from, besides explaind_ql's own models and those configured (docs/store.md).
+    """
     from .run import Run
-    return Run(path)
+    return Run(path, trust=trust)
 
 
 def load_ipython_extension(ipython) -> None:

@@ -8,31 +8,45 @@ from typing import Any, Iterable, Mapping
 
 import polars as pl
 
+from .errors import StoreError
 from .execute import explain_text, prepare, run_query
 from .run import Run
 
 
-def open_run(path: str | os.PathLike) -> Run:
-    return Run(path)
+Trusted = Iterable[str] | str | None
 
 
-def _as_run(run_or_path: Run | str | os.PathLike) -> Run:
-    return run_or_path if isinstance(run_or_path, Run) else Run(run_or_path)
+def _as_run(run_or_path: Run | str | os.PathLike, trust: Trusted = None) -> Run:
+    return run_or_path if isinstance(run_or_path, Run) else Run(run_or_path, trust=trust)
 
 
-def query(run_or_path: Run | str | os.PathLike, text: str, scheduler: Any = None, **params: Any) -> pl.DataFrame:
+def query(run_or_path: Run | str | os.PathLike, text: str, scheduler: Any = None, trust: Trusted = None,
+          **params: Any) -> pl.DataFrame:
     """Run one query against a run (or a store path) and return its frame.
 
     ``scheduler``: a Dask scheduler address (``"tcp://host:8786"``), a ``distributed.Client``
     or a cluster object; the plan then runs on its workers (see docs/distributed.md), as
     with ``using cluster "ADDRESS"`` in the query. None: locally.
+    ``trust``: modules a path's store may import its model factory from (docs/store.md).
     """
-    return run_query(_as_run(run_or_path), text, params, scheduler=scheduler)
+    run = _as_run(run_or_path, trust)
+    return _finite(run_query(run, text, params, scheduler=scheduler), run)
 
 
-def explain(run_or_path: Run | str | os.PathLike, text: str, scheduler: Any = None, **params: Any) -> str:
+def _finite(frame: pl.DataFrame, run: Run) -> pl.DataFrame:
+    """The frame, unless a value in it is NaN or infinite: the recorder refuses non-finite values,
+    so one in an answer means the store's data is damaged, and it is an error, never a frame."""
+    bad = [name for name, dtype in frame.schema.items() if dtype.is_float() and not frame[name].is_finite().all()]
+    if bad:
+        raise StoreError(f"the answer's '{bad[0]}' column holds NaN or infinite values, which a recording "
+                         f"never holds: {run.path} is damaged; run `explaind-ql verify {run.path}`")
+    return frame
+
+
+def explain(run_or_path: Run | str | os.PathLike, text: str, scheduler: Any = None, trust: Trusted = None,
+            **params: Any) -> str:
     """The physical plan of a query, with each pass's decision, without running it."""
-    run = _as_run(run_or_path)
+    run = _as_run(run_or_path, trust)
     bound, eng, plan = prepare(run, text, params, scheduler=scheduler)
     return explain_text(run, bound, eng, plan)
 
@@ -59,7 +73,7 @@ def _run_name(path: str | os.PathLike) -> str:
 
 
 def compare(runs: Iterable[Run | str | os.PathLike] | Mapping[str, Run | str | os.PathLike], text: str,
-            scheduler: Any = None, **params: Any) -> pl.DataFrame:
+            scheduler: Any = None, trust: Trusted = None, **params: Any) -> pl.DataFrame:
     """The same query over several runs, as one frame with a leading ``run`` column.
 
     Runs may be given open (``explaind_ql.open``), so that repeated comparisons reuse each
@@ -67,6 +81,6 @@ def compare(runs: Iterable[Run | str | os.PathLike] | Mapping[str, Run | str | o
     """
     frames = []
     for name, run in expand_runs(runs).items():
-        df = query(run, text, scheduler=scheduler, **params)
+        df = query(run, text, scheduler=scheduler, trust=trust, **params)
         frames.append(df.select(pl.lit(name).alias("run"), pl.all()))
     return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame({"run": []})

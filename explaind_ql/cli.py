@@ -336,8 +336,17 @@ def _query_options(f):
     return f
 
 
+def _trust(ctx, param, value):
+    from .trust import allow
+    allow(value)
+    return value
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="explaind_ql")
+@click.option("--trust", multiple=True, metavar="MODULE", callback=_trust, expose_value=False,
+              help="Let stores rebuild their model from MODULE (and its submodules); repeatable. "
+                   "explaind_ql's own models are always trusted (docs/store.md).")
 def main() -> None:
     """Query recorded training runs with the explaind query language.
 
@@ -345,6 +354,7 @@ def main() -> None:
     explaind-ql query run.zarr "influence on test[*] by layer"
     explaind-ql run run.zarr analysis.eql --out results/
     explaind-ql repl run.zarr
+    explaind-ql verify run.zarr
     """
 
 
@@ -455,6 +465,18 @@ def info_cmd(run_path, as_json) -> None:
         return
     from rich.console import Console
     Console().print(info_renderable(info))
+
+
+@main.command("verify")
+@click.argument("run_path", metavar="RUN")
+def verify_cmd(run_path) -> None:
+    """Read every chunk of a store and report each damaged array (exit 4 if any)."""
+    from .verify import verify
+    report = verify(run_path)
+    for line in report.lines():
+        click.echo(line, err=not report.ok)
+    if not report.ok:
+        click.get_current_context().exit(4)
 
 
 @main.command("repl")

@@ -106,8 +106,8 @@ def connect(scheduler: Any) -> tuple[Any, str]:
     full = _probe(address)
     try:
         client = Client(full, timeout=CONNECT_TIMEOUT, set_as_default=False)
-    except (OSError, TimeoutError, ValueError) as exc:
-        raise _unreachable(address, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    except Exception as exc:  # noqa: BLE001 - whatever answers there may not speak Dask's protocol at all
+        raise _unreachable(address, str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__) from None
     _clients[address] = client
     return client, address
 
@@ -245,11 +245,13 @@ def distribute(plan, run: Run, eng: Engine, scheduler: Any, device: str | None, 
 
 # ------------------------------------------------------------------------------ worker side
 
-def run_chunk(path: str, req: Request, device: str | None, dtype: torch.dtype) -> Result:
-    """One chunk on a worker: open the store, compute on one torch thread, return CPU tensors."""
+def run_chunk(path: str, req: Request, device: str | None, dtype: torch.dtype,
+              trust: tuple[str, ...] = ()) -> Result:
+    """One chunk on a worker: open the store (trusting what the client trusts), compute on one
+    torch thread, return CPU tensors."""
     import explaind_ql
     torch.set_num_threads(1)
-    run = explaind_ql.open(path)
+    run = explaind_ql.open(path, trust=trust)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     r = Engine(run, dev, dtype).run_request(req)
     moved = {f.name: getattr(r, f.name).cpu() for f in dataclasses.fields(r)
@@ -359,7 +361,7 @@ def execute(run: Run, plan) -> Result:
             row = []
             for j, (c, d) in enumerate(dist.chunks):
                 req, gbins = _chunk(leaf, c, d)
-                fut = client.submit(run_chunk, path, req, dist.device, plan.bound.dtype, pure=False,
+                fut = client.submit(run_chunk, path, req, dist.device, plan.bound.dtype, run.trust.modules, pure=False,
                                     retries=RETRIES, priority=-j, key=f"explaind-chunk-{token}-{li}-{c}_{d}")
                 futures.append(fut)
                 row.append((fut, c, d, gbins))

@@ -67,6 +67,15 @@ class StoreError(ExplaindError):
     exit_code = 4
 
 
+class DamagedStoreError(StoreError):
+    """A chunk of one array failed to decode (checksum mismatch, truncated) or is missing."""
+
+    def __init__(self, path, array: str, reason: str):
+        self.array, self.reason = array, reason
+        super().__init__(f"{path} is damaged: {reason} in '{array}'; run `explaind-ql verify {path}`, "
+                         "then re-record the run or restore it from a copy")
+
+
 class RecordingError(ExplaindError):
     """The training loop cannot be recorded as set up (unsupported optimizer, model, loss)."""
 

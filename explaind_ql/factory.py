@@ -2,7 +2,8 @@
 
 The run must be queryable on another machine without the training script, so the
 factory is resolved (and the model built once) when recording starts: an unimportable
-factory is a record-time error, not a surprise at query time.
+factory is a record-time error, not a surprise at query time. At query time the factory
+is the store's word, so :func:`build` imports it only through :class:`~.trust.Trust`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import RecordingError, StoreError
+from .trust import Trust
 
 
 def import_callable(ref: str, what: str) -> Callable:
@@ -63,12 +65,18 @@ def check_factory(ref: str, kwargs: dict[str, Any], model: torch.nn.Module) -> N
                              "recorded model's; pass the factory_kwargs that rebuild it")
 
 
-def build(ref: str, kwargs: dict[str, Any]) -> torch.nn.Module:
-    """Query side: rebuild, turning failures into a one-line store error."""
+def build(ref: str, kwargs: dict[str, Any], trust: Trust) -> torch.nn.Module:
+    """Query side: rebuild from a trusted factory, turning failures into a one-line store error."""
+    factory = trust.load(ref)
+    if not isinstance(kwargs, dict):
+        raise StoreError(f"the store's factory_kwargs are {type(kwargs).__name__}, not a mapping; "
+                         "re-record the run")
     try:
-        return import_callable(ref, "factory")(**kwargs)
-    except RecordingError as exc:
-        raise StoreError(f"cannot rebuild the recorded model: {exc}") from None
+        model = factory(**kwargs)
     except Exception as exc:
         raise StoreError(f"cannot rebuild the recorded model: factory {ref!r} raised "
                          f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise StoreError(f"the store's factory {ref!r} returned {type(model).__name__}, not a "
+                         "torch.nn.Module; re-record the run")
+    return model

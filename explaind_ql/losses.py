@@ -1,8 +1,9 @@
 """Per-example losses: the decomposition needs the batch loss as a weighted sum of them.
 
-A loss spec is stored by name in the run (``cross_entropy``, ``nll``, ``mse`` or an
-importable ``module:callable`` that returns one loss per example), together with the
-reduction, so that a query process can rebuild exactly the gradient training used.
+A loss spec is stored by name in the run, together with the reduction, so that a query
+process can rebuild exactly the gradient training used. Names come from the fixed
+registry :data:`BUILTIN`, never from an import: a store is shared data, and a loss name
+that imported a module would let it run code (see :mod:`explaind_ql.trust`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from .errors import RecordingError
-from .factory import import_callable
 
 
 def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -43,12 +43,10 @@ class LossSpec:
 
     @property
     def fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        if self.name in BUILTIN:
-            return BUILTIN[self.name]
-        if ":" not in self.name:
+        if self.name not in BUILTIN:
             raise RecordingError(f"unknown loss {self.name!r}; use one of {', '.join(BUILTIN)} "
-                                 "or an importable 'module:callable' returning per-example losses")
-        return import_callable(self.name, "loss")
+                                 "(loss names come from a fixed registry and are never imported)")
+        return BUILTIN[self.name]
 
     def per_example(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.fn(out, y)

@@ -180,12 +180,18 @@ def chunk_under_budget(plan: Plan, run: Run, engine: Engine, budget: int | None)
     # a batched test-side call may hold 1/8 of the budget, from 1 MiB up to CALL_BYTES (16× that on a GPU,
     # whose arithmetic per row is so fast that a call's fixed cost needs more rows to amortise)
     cap = CALL_BYTES if engine.device.type == "cpu" else 16 * CALL_BYTES
-    req = replace(plan.request, call_bytes=min(cap, max(1 << 20, limit // 8)))
-    tree = engine_budget.plan(engine, req, limit)
+    # the answer (merged result and frame) is held beside the largest chunk's working set
+    out = engine_budget.answer(engine, plan.request)
+    if out.bytes >= limit:
+        raise engine_budget.refuse_output(out, limit)
+    room = limit - out.bytes
+    req = replace(plan.request, call_bytes=min(cap, max(1 << 20, room // 8)))
+    tree = engine_budget.plan(engine, req, room)
     n = _leaves(tree)
     need = _max_leaf_bytes(tree)
-    what = (f"{n} chunk{'s' if n != 1 else ''}, largest ≈ {engine_budget.fmt_bytes(need)} "
-            f"of a {engine_budget.fmt_bytes(limit)} budget")
+    fmt = engine_budget.fmt_bytes
+    what = (f"{n} chunk{'s' if n != 1 else ''}, largest ≈ {fmt(need)}, answer ≈ {fmt(out.bytes)} "
+            f"({out.cells:,} values), of a {fmt(limit)} budget")
     return plan.decide("chunking", what, chunks=tree, budget=limit)
 
 
@@ -233,8 +239,8 @@ def render(plan: Plan, run: Run, engine: Engine, analyzed: dict | None = None) -
                 f"cut where two layers' kinks meet, halved where that misses the exact change; "
                 f"adaptive to {req.tolerance:g}")
     else:
-        quad = (f"Gauss–Legendre {req.nodes} nodes per step, halved where estimates disagree; "
-                f"adaptive to {req.tolerance:g}")
+        quad = (f"Gauss–Legendre {req.nodes} nodes per step, halved where estimates disagree or miss "
+                f"the exact change; adaptive to {req.tolerance:g}")
     if req.strategy == "project":
         quad += "; derivatives in each group's share of Δθ and decay (no φ)"
     keys = ", ".join(b.dims) or "(one row per term)"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 from typing import Any
 
 import torch
@@ -57,6 +58,11 @@ def _refuse_modules(model: torch.nn.Module) -> None:
         if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 and m.training:
             raise RecordingError(f"module '{name}' ({type(m).__name__} p={m.p}) makes gradients "
                                  "random, so they cannot be recomputed at query time; set p=0")
+
+
+def _record_norm(norms: dict[int, float], p: torch.Tensor) -> None:
+    """Post-accumulate grad hook: the gradient's norm as backward() left it, before any clipping."""
+    norms[id(p)] = float(p.grad.detach().double().norm())
 
 
 class Recorder:
@@ -135,7 +141,10 @@ class Recorder:
         self._hyper_at_step = False  # whether the lr scheduler steps after rec.step(), not before it
         self._raw_norms: dict[int, float] = {}
         self._clip: float | None = None
-        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_hook) for p in self._params]
+        # the hooks hold only the norms dict: a hook bound to the recorder would keep it (and its
+        # store lock) alive for as long as the model lives, even after the user dropped it
+        norms = self._raw_norms
+        self._hooks = [p.register_post_accumulate_grad_hook(partial(_record_norm, norms)) for p in self._params]
 
     # -- setup helpers -----------------------------------------------------------------------
     @staticmethod
@@ -184,9 +193,6 @@ class Recorder:
         step = int(self._param_state(self._params[0]).get("step", 0)) if self.spec.adam else 0
         return OptState(bufs, step, has_buf)
 
-    def _grad_hook(self, p: torch.Tensor) -> None:
-        self._raw_norms[id(p)] = float(p.grad.detach().double().norm())
-
     # -- the loop ----------------------------------------------------------------------------
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """``torch.nn.utils.clip_grad_norm_`` over the trained params, recording the scale exactly."""
@@ -200,24 +206,29 @@ class Recorder:
         if self.closed:
             raise RecordingError("the recorder is closed; build a new Recorder to record more steps")
         s = self.n_steps
-        idx = torch.as_tensor(batch_indices).reshape(-1).long().cpu()
+        idx = self._indices(s, batch_indices)
         if idx.numel() == 0:
             raise RecordingError(f"step {s}: empty batch")
         if int(idx.min()) < 0 or int(idx.max()) >= self.n_train:
             raise RecordingError(f"step {s}: batch indices must lie in 0..{self.n_train - 1} (the train split)")
         c = self._clip if clip is None else float(clip)
         c = 1.0 if c is None else c
+        if not (math.isfinite(c) and c > 0):
+            raise RecordingError(f"step {s}: clip scale {c!r} is not a positive finite number")
+        self._same_params(s)
         grad = self._flat_grad(s, c)
         changed = static_mismatch(self.spec, self.optimizer)
         if changed:
             raise VerificationError(f"step {s}: {changed}; only lr and weight_decay may change during a run")
         theta_new = self._flat_params()
         real_state = self._read_state()
+        loss_value = math.nan if loss is None else float(torch.as_tensor(loss).detach())
+        self._refuse_nonfinite(s, loss, loss_value, grad, theta_new)
         lr, wd = self._hyper_used(s, grad, theta_new)
         weight = self.loss.weight(len(idx), self._out_numel())
         if self.grad_check_every >= 0 and (s == 0 or (self.grad_check_every and s % self.grad_check_every == 0)):
             self._check_gradient(s, idx, grad / c, weight)
-        self.writer.add_step({"loss": math.nan if loss is None else float(torch.as_tensor(loss).detach()), "clip": c, "weight": weight,
+        self.writer.add_step({"loss": loss_value, "clip": c, "weight": weight,
                               "lr": lr, "weight_decay": wd}, idx.numpy())
         self.n_steps = s + 1
         self.theta, self.state = theta_new, real_state
@@ -227,6 +238,39 @@ class Recorder:
         self._clip = None
         self._raw_norms.clear()
         self._hyper = self._read_hyper()
+
+    @staticmethod
+    def _indices(s: int, batch_indices) -> torch.Tensor:
+        """The batch as int64 indices; anything but integers (floats, strings, bools) is refused."""
+        try:
+            idx = torch.as_tensor(batch_indices)
+        except (TypeError, ValueError, RuntimeError):
+            raise RecordingError(f"step {s}: batch indices must be integers into the train split, not "
+                                 f"{type(batch_indices).__name__} {str(batch_indices)[:40]!r}") from None
+        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+            raise RecordingError(f"step {s}: batch indices must be integers into the train split, not "
+                                 f"{idx.dtype} (a float index would be truncated; pass a LongTensor)")
+        return idx.reshape(-1).long().cpu()
+
+    def _same_params(self, s: int) -> None:
+        """The optimizer still trains exactly the params the recording started with."""
+        now = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
+        if len(self.optimizer.param_groups) != self.writer.n_groups or {id(p) for p in now} != {id(p) for p in self._params}:
+            raise RecordingError(f"step {s}: the optimizer's param groups changed since recording began "
+                                 "(add_param_group, or a param (un)frozen); a run must train one fixed "
+                                 "set of params: start a new Recorder for the new set")
+
+    def _refuse_nonfinite(self, s: int, loss, loss_value: float, grad: torch.Tensor, theta: torch.Tensor) -> None:
+        if loss is not None and not math.isfinite(loss_value):
+            raise RecordingError(f"step {s}: the loss is {loss_value}; a run with non-finite values "
+                                 "cannot be decomposed (lower the lr, or clip)")
+        for what, t in (("gradient", grad), ("updated parameters", theta)):
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):
+                k = int(bad.nonzero()[0])
+                name = next(i.name for i in self.space.params if i.offset <= k < i.stop)
+                raise RecordingError(f"step {s}: the {what} of '{name}' hold NaN or inf; a run with "
+                                     "non-finite values cannot be decomposed (lower the lr, or clip)")
 
     def _read_hyper(self) -> tuple[list[float], list[float]]:
         groups = self.optimizer.param_groups
@@ -285,6 +329,11 @@ class Recorder:
             dr = real64[sl] - self.theta[sl].double()
             err = ((modelled[sl] - real64[sl]).abs() - 4 * eps * real64[sl].abs()).clamp_min(0).max()
             scale = float(dr.abs().max())
+            if float(err) > rtol * scale + 1e-300 and scale == 0:
+                raise VerificationError(
+                    f"step {s}: '{info.name}' did not change since the last rec.step() although the "
+                    f"{self.spec.cls} model predicts an update; call rec.step() once after each "
+                    "optimizer.step(), not twice")
             if float(err) > rtol * scale + 1e-300:
                 raise VerificationError(
                     f"step {s}: the {self.spec.cls} model does not reproduce the update of '{info.name}' "

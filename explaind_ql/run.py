@@ -1,7 +1,9 @@
 """A recorded run opened for querying: metadata, the layer tree, and the per-step records.
 
 Everything is read lazily from the store and sliced to the last committed step, so a
-run whose recording was killed can still be queried up to that step.
+run whose recording was killed can still be queried up to that step. Opening imports
+no code: the model is rebuilt, on first need, only from a trusted factory
+(:mod:`explaind_ql.trust`).
 """
 
 from __future__ import annotations
@@ -9,17 +11,21 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import StoreError
+from .errors import RecordingError, StoreError
 from .factory import build
 from .losses import LossSpec
 from .optim import OptimizerSpec, OptState
 from .params import ParamSpace
-from .store import open_dataset
+from .store import StoreReader
+from .trust import Trust
+
+FLOAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -36,21 +42,23 @@ class StepMeta:
 class Run:
     """An opened trajectory store. ``explaind_ql.open(path)`` returns one."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, trust: Iterable[str] | str | None = None):
         self.path = Path(path)
-        self.ds, self.attrs = open_dataset(self.path)
-        a = self.attrs
+        self.store = StoreReader(self.path)
+        self.attrs = a = self.store.attrs
+        self.trust = Trust.current(trust)
         try:
             self.space = ParamSpace.from_json(a["params"])
             self.spec = OptimizerSpec.from_json(a["optimizer"])
             self.loss = LossSpec(a["loss"]["name"], a["loss"]["reduction"])
-            self.n_steps = int(a["committed_steps"])
-            n_ck = int(a["committed_ckpts"])
-            states = np.asarray(self.ds["ckpt_state"].values[:n_ck])
-            self.dtype = getattr(torch, a["dtype"])
-        except (KeyError, ValueError, TypeError) as exc:
+            self.dtype = FLOAT_DTYPES[a["dtype"]]
+            splits = list(a["splits"])
+        except (KeyError, ValueError, TypeError, AttributeError, RecordingError) as exc:
             raise StoreError(f"{self.path} has damaged metadata ({type(exc).__name__}: {exc}); "
                              "re-record the run") from None
+        self.n_steps = self.store.n_steps
+        states = self.store.read("ckpt_state", slice(0, self.store.n_ckpts))
+        self._check_layout(splits)
         keep = states <= self.n_steps
         self.ckpt_rows = np.nonzero(keep)[0]
         self.ckpt_states = states[keep]
@@ -59,10 +67,30 @@ class Run:
         self.closed = bool(a.get("closed"))
         self._steps_cache: dict[str, np.ndarray] = {}
         self.cache: dict = {}
+
+    def _check_layout(self, splits: list[str]) -> None:
+        """The arrays the metadata promises exist with the shapes and dtype it implies."""
+        st = self.store
+        need = ["theta", "ckpt_state", "opt_step", "opt_has_buf", *(f"opt_{b}" for b in self.spec.buffers),
+                *(f"{xy}_{n}" for n in splits for xy in "xy")]
         if self.n_steps > 0:
-            for var in ("lr", "weight_decay", "clip", "weight", "batch_start", "batch_size"):
-                if var not in self.ds:
-                    raise StoreError(f"{self.path} is truncated: variable '{var}' is missing; re-record the run")
+            need += ["lr", "weight_decay", "clip", "weight", "batch_start", "batch_size", "batch_index", "loss"]
+        for var in need:
+            if var not in st:
+                raise StoreError(f"{self.path} is truncated or damaged: array '{var}' is missing; "
+                                 "re-record the run")
+        if "train" not in splits:
+            raise StoreError(f"{self.path} has no train split in its metadata; re-record the run")
+        for var in ["theta", *(f"opt_{b}" for b in self.spec.buffers)]:
+            shape, dtype = st.shape(var), st.dtype(var)
+            if len(shape) != 2 or shape[1] != self.space.size or dtype != np.dtype(str(self.dtype).removeprefix("torch.")):
+                raise StoreError(f"{self.path} is damaged: '{var}' is {dtype}{list(shape)} but the metadata "
+                                 f"describes {self.space.size} {self.attrs['dtype']} elements per state; "
+                                 "re-record the run")
+        for n in splits:
+            if st.shape(f"x_{n}")[:1] != st.shape(f"y_{n}")[:1]:
+                raise StoreError(f"{self.path} is damaged: split '{n}' has {st.shape(f'x_{n}')[0]} inputs but "
+                                 f"{st.shape(f'y_{n}')[0]} labels; re-record the run")
 
     # -- metadata ----------------------------------------------------------------------------
     @property
@@ -70,12 +98,12 @@ class Run:
         return list(self.attrs["splits"])
 
     def split_size(self, name: str) -> int:
-        return int(self.ds[f"x_{name}"].shape[0])
+        return int(self.store.shape(f"x_{name}")[0])
 
     @cached_property
     def _split_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {n: (torch.from_numpy(np.asarray(self.ds[f"x_{n}"].values)),
-                    torch.from_numpy(np.asarray(self.ds[f"y_{n}"].values))) for n in self.splits}
+        return {n: (torch.from_numpy(self.store.read(f"x_{n}")), torch.from_numpy(self.store.read(f"y_{n}")))
+                for n in self.splits}
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self._split_tensors[name]
@@ -113,13 +141,18 @@ class Run:
     # -- per-step data -----------------------------------------------------------------------
     def step_var(self, name: str) -> np.ndarray:
         if name not in self._steps_cache:
-            self._steps_cache[name] = np.asarray(self.ds[name].values[: self.n_steps])
+            self._steps_cache[name] = self.store.read(name) if self.n_steps else np.zeros(0)
         return self._steps_cache[name]
 
     @cached_property
     def _batch_index(self) -> np.ndarray:
-        end = int(self.step_var("batch_start")[-1] + self.step_var("batch_size")[-1]) if self.n_steps else 0
-        return np.asarray(self.ds["batch_index"].values[:end]) if end else np.zeros(0, np.int64)
+        if not self.n_steps:
+            return np.zeros(0, np.int64)
+        index = self.store.read("batch_index")
+        if len(index) and (index.min() < 0 or index.max() >= self.split_size("train")):
+            raise StoreError(f"{self.path} is damaged: 'batch_index' names examples outside the train "
+                             f"split (0..{self.split_size('train') - 1}); re-record the run")
+        return index
 
     def step_meta(self, s: int) -> StepMeta:
         start, size = int(self.step_var("batch_start")[s]), int(self.step_var("batch_size")[s])
@@ -141,15 +174,15 @@ class Run:
     def stored_states(self, lo: int, hi: int) -> list[tuple[torch.Tensor, OptState]]:
         """Stored states at positions lo..hi-1, one read per array (each chunk decoded once)."""
         rows = self.ckpt_rows[lo:hi]
-        theta = torch.from_numpy(np.asarray(self.ds["theta"][rows].values))
-        bufs = {b: torch.from_numpy(np.asarray(self.ds[f"opt_{b}"][rows].values)) for b in self.spec.buffers}
-        steps, has = self.ds["opt_step"].values[rows], self.ds["opt_has_buf"].values[rows]
+        theta = torch.from_numpy(self.store.read("theta", rows))
+        bufs = {b: torch.from_numpy(self.store.read(f"opt_{b}", rows)) for b in self.spec.buffers}
+        steps, has = self.store.read("opt_step", rows), self.store.read("opt_has_buf", rows)
         return [(theta[i], OptState({b: v[i] for b, v in bufs.items()}, int(steps[i]), bool(has[i])))
                 for i in range(len(rows))]
 
     def state_bytes(self) -> int:
         """Bytes of one stored state (params and optimizer buffers)."""
-        return self.space.size * np.dtype(self.ds["theta"].dtype).itemsize * (1 + len(self.spec.buffers))
+        return self.space.size * self.store.dtype("theta").itemsize * (1 + len(self.spec.buffers))
 
     def is_stored(self, state: int) -> bool:
         pos = self.ckpt_at_or_before(state)
@@ -158,7 +191,7 @@ class Run:
     @cached_property
     def constants(self) -> dict[str, torch.Tensor]:
         names = self.attrs.get("constants", [])
-        return {n: torch.from_numpy(np.asarray(self.ds[f"const_{i}"].values)) for i, n in enumerate(names)}
+        return {n: torch.from_numpy(self.store.read(f"const_{i}")) for i, n in enumerate(names)}
 
     # -- querying (the language lives in explaind_ql.api; imported late to keep `open` light) ----
     def query(self, text: str, scheduler=None, **params):
@@ -175,5 +208,12 @@ class Run:
         return explain(self, text, scheduler=scheduler, **params)
 
     def build_model(self) -> torch.nn.Module:
-        """The model rebuilt from the recorded factory (its own weights are replaced per call)."""
-        return build(self.attrs["factory"], self.attrs.get("factory_kwargs") or {})
+        """The model rebuilt from the recorded factory, if trusted (its weights are replaced per call)."""
+        model = build(str(self.attrs.get("factory")), self.attrs.get("factory_kwargs") or {}, self.trust)
+        got = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        for info in self.space.params:
+            if got.get(info.name) != tuple(info.shape):
+                raise StoreError(f"{self.path}: the rebuilt model's param '{info.name}' is "
+                                 f"{got.get(info.name, 'absent')}, but the store recorded {tuple(info.shape)}; "
+                                 "the factory's code changed since recording, or the store is damaged")
+        return model

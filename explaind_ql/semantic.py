@@ -4,6 +4,9 @@ Everything that depends on the run is decided here — which params a component 
 which items a split selection picks, which steps a window covers, which options apply —
 so the planner only ever sees valid, explicit selections. Every error points at the
 clause with a caret and suggests the fix (did-you-mean names, valid ranges).
+
+Selections pick each item at most once and at least one item; a clause the measure has
+no use for (`check ... from train[0]`) is refused, not ignored (`check_clauses`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import SemanticError
-from .lang.ast import AllItems, Components, IndexList, IndexRange, Query, SplitSel
+from .lang.ast import AllItems, Components, IndexList, IndexRange, Query, SplitSel, selection_text
 from .run import Run
 
 DEFAULT_TOLERANCE = 1e-6
@@ -83,14 +86,32 @@ def resolve_components(q: Query, comps: Components | None, run: Run) -> tuple[st
 
 
 def resolve_items(q: Query, sel: SplitSel, run: Run) -> tuple[int, ...]:
+    """The items `sel` picks, in the order written: each at most once, at least one.
+
+    A repeated item (`test[0, 0]`, overlapping ranges `test[0..3, 2]`) is refused for every
+    split alike rather than counted twice or merged, and so is a selection with no items.
+    """
     if sel.split not in run.splits:
         raise _err(q, f"unknown split '{sel.split}'", sel.pos,
                    _suggest(sel.split, run.splits) or f"recorded splits: {', '.join(run.splits)}")
     n = run.split_size(sel.split)
+    items: list[int] = []
+    seen: set[int] = set()
+
+    def add(new: range | list[int], pos: int) -> None:
+        for i in new:
+            if i in seen:
+                raise _err(q, f"{sel.split} item {i} is selected twice; list each item once", pos)
+            seen.add(i)
+            items.append(i)
 
     def rng(r: IndexRange, pos: int) -> range:
         start = 0 if r.start is None else r.start
         stop = n if r.stop is None else r.stop
+        if r.stop is not None and start >= r.stop:
+            shown = f"{'' if r.start is None else r.start}:{'' if r.stop is None else r.stop}"
+            raise _err(q, f"{sel.split}[{shown}] selects no items", pos,
+                       f"{sel.split} has {n} items (0..{n - 1})" if n else f"{sel.split} has no items")
         if start >= n or stop > n:
             raise _err(q, f"{sel.split}[{start}..{stop - 1}] is out of range: {sel.split} has {n} items "
                           f"(0..{n - 1})", pos)
@@ -98,20 +119,21 @@ def resolve_items(q: Query, sel: SplitSel, run: Run) -> tuple[int, ...]:
 
     idx = sel.index
     if isinstance(idx, AllItems):
-        items = list(range(n))
+        add(range(n), sel.pos)
     elif isinstance(idx, IndexRange):
-        items = list(rng(idx, idx.pos or sel.pos))
+        add(rng(idx, idx.pos or sel.pos), idx.pos or sel.pos)
     else:
         assert isinstance(idx, IndexList)
-        items = []
         for it in idx.items:
             if isinstance(it, IndexRange):
-                items += list(rng(it, it.pos or idx.pos))
+                add(rng(it, it.pos or idx.pos), it.pos or idx.pos)
             elif it >= n:
                 raise _err(q, f"{sel.split}[{it}] is out of range: {sel.split} has {n} items (0..{n - 1})",
                            idx.pos or sel.pos)
             else:
-                items.append(it)
+                add([it], idx.pos or sel.pos)
+    if not items:
+        raise _err(q, f"{sel.split} selects no items: the split is empty", sel.pos)
     if sel.where_label is not None:
         y = run.split(sel.split)[1]
         if y.is_floating_point() or y.dim() != 1:
@@ -129,12 +151,64 @@ def _is_classifier(run: Run, split: str) -> bool:
     return not y.is_floating_point() and y.dim() == 1
 
 
+# Clauses a measure would ignore: why, and what to write instead (docs/language.md,
+# "Which clauses each measure takes"). Refused rather than silently dropped.
+_UNUSED: dict[str, dict[str, tuple[str, str]]] = {
+    "check": {
+        "of": ("it replicates the change of the whole model, so it uses every param", "remove the 'of' clause"),
+        "from": ("it replicates the change due to every training example", "remove the 'from' clause"),
+        "top": ("it reports one row per test item", "remove the 'top' clause"),
+    },
+    "similarity": {
+        "from": ("it compares test items' influence vectors over every training example",
+                 "remove the 'from' clause"),
+        "top": ("it reports every pair of test items", "remove the 'top' clause"),
+    },
+    "evaluate": {
+        "of": ("it runs the whole model", "to take some layers' weights from another step, write "
+                                          "'with <components> from step N'"),
+        "on": ("it reports accuracy, loss and KL of the model's outputs on the items", ""),  # hint: below
+        "from": ("it runs the model on the 'on' items only", "remove the 'from' clause"),
+        "top": ("it reports one row per step", "remove the 'top' clause"),
+    },
+}
+_FIXED_SHAPE = ("check", "similarity", "evaluate")  # no 'by' either
+
+
+def check_clauses(q: Query) -> None:
+    """Refuse the first clause (in the text) that the measure would ignore."""
+    unused = _UNUSED.get(q.measure, {})
+    found: list[tuple[int, str]] = []
+    if q.components is not None and "of" in unused:
+        found.append((q.components.pos, "of"))
+    if q.target is not None and q.target.kind != "label" and "on" in unused:
+        found.append((q.target.pos, "on"))
+    if q.train is not None and "from" in unused:
+        found.append((q.train.pos, "from"))
+    if q.by is not None and q.measure in _FIXED_SHAPE:
+        found.append((q.by.pos, "by"))
+    if q.top is not None and "top" in unused:
+        found.append((q.top.pos, "top"))
+    if not found:
+        return
+    pos, clause = min(found)
+    if clause == "by":
+        raise _err(q, f"'{q.measure}' has a fixed shape and takes no 'by' clause", pos)
+    why, hint = unused[clause]
+    what = f"'{clause}'"
+    if clause == "on":
+        fn = "output" if q.target.kind in ("output", "outputs") else q.target.kind
+        what, hint = f"a target function ('{fn}')", f"write 'on {selection_text(q.target.items)}'"
+    raise _err(q, f"'{q.measure}' does not use {what}: {why}", pos, hint)
+
+
 def bind(q: Query, run: Run, distributed: bool = False) -> Bound:
     """Resolve ``q`` against ``run``, raising SemanticError with a caret on the first problem.
 
     ``distributed``: the query runs on a cluster given outside its text (``scheduler=``), so
     a CUDA device need only exist on the workers.
     """
+    check_clauses(q)
     params = resolve_components(q, q.components, run)
     # target
     if q.target is not None:
@@ -162,8 +236,11 @@ def bind(q: Query, run: Run, distributed: bool = False) -> Bound:
         st = q.steps
         a = 0 if st.start is None else st.start
         b = n if st.stop is None else st.stop
+        last = f"the run has {n} steps (0..{n - 1})" if n else "the run has no complete step"
+        if st.stop is not None and a >= b:
+            shown = f"{'' if st.start is None else st.start}:{st.stop}"
+            raise _err(q, f"steps {shown} select no steps", st.pos, last)
         if a >= n or b > n or a >= b:
-            last = f"the run has {n} steps (0..{n - 1})" if n else "the run has no complete step"
             raise _err(q, f"steps {a}:{b} are out of range: {last}", st.pos)
         every_eval = st.every
     dims = tuple(q.by.dims) if q.by is not None else ()
@@ -173,8 +250,6 @@ def bind(q: Query, run: Run, distributed: bool = False) -> Bound:
     if "output" in dims and kind not in ("outputs",):
         raise _err(q, "'by output' needs a target with several outputs", q.by.pos,
                    "write 'on output(test[...])'")
-    if q.measure in ("check", "similarity", "evaluate") and q.by is not None:
-        raise _err(q, f"'{q.measure}' has a fixed shape and takes no 'by' clause", q.by.pos)
     if q.measure == "similarity" and len(items) < 2:
         raise _err(q, "similarity compares test items with each other: select at least two", tpos)
     opts = q.options.as_dict() if q.options is not None else {}

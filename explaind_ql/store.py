@@ -1,6 +1,6 @@
 """The trajectory store: one zarr store written through xarray by a single appending writer.
 
-Layout (format version 1), all on three appendable dimensions:
+Layout (format version 2), all on three appendable dimensions:
 
 - ``ckpt``: stored states. ``ckpt_state`` is the state index s (θ_s is the parameters
   *before* update step s; θ_N is the final state). ``theta(ckpt, element)`` and the
@@ -11,35 +11,132 @@ Layout (format version 1), all on three appendable dimensions:
 - ``sample``: the batches end to end, ``batch_index(sample)``.
 
 Plus the splits (``x_<split>``, ``y_<split>``), the model's constant tensors
-(``const_<i>``) and attrs. The writer appends whole chunks only (xarray issues #8876,
-#8882) and, after each append, commits the number of complete steps in the root attrs
-(zarr writes metadata atomically); readers ignore anything past the commit, which is
-why a SIGKILLed recording still opens.
+(``const_<i>``) and attrs.
+
+Guarantees (docs/store.md):
+
+- **Commit last.** The writer appends whole chunks only (xarray issues #8876, #8882) and
+  then publishes the number of complete steps in the root attrs, one atomic metadata
+  write (zarr's local store writes every key through a rename). xarray's appends rewrite
+  the root attrs too, so each append carries the previous commit: on disk the attrs are
+  never empty, and a store killed at any instant opens at its last commit. Readers read
+  arrays one by one through zarr, each up to the commit, so a reader during appends sees
+  a consistent prefix.
+- **One writer.** A lock file beside the store (``<store>.lock``) refuses a second writer
+  whatever ``overwrite`` says; a lock whose process is gone is stale and is taken over.
+- **Integrity.** Every chunk carries a crc32c checksum (zarr v3's ``crc32c`` codec) checked
+  on each read, every chunk is written even when it holds only zeros, and a read checks
+  that each chunk it needs exists, so fill values are never read as data.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
+import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 import xarray as xr
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from .errors import StoreError
+from .errors import DamagedStoreError, StoreError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FORMAT_KEY = "explaind_format"
 ELEMENT_CHUNK_BYTES = 8 << 20
 STATE_CHUNK_BYTES = 256 << 10  # stored states per chunk: reading one decodes its whole chunk
 SAMPLE_CHUNK_MAX = 1 << 20
 
 
+APPEND_DIMS = ("ckpt", "step", "sample")
+CODECS = {"compressors": (ZstdCodec(), Crc32cCodec())}
+_live_locks: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # token -> writer
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p.with_name(p.name + ".lock")
+
+
+def _lock_is_stale(info: dict) -> bool:
+    """A lock is stale when its writer is gone: its process ended, or (in this process) its
+    recorder was dropped without ``close()``. A lock from another host is never judged stale."""
+    if info.get("host") != socket.gethostname():
+        return False
+    pid = info.get("pid")
+    if pid == os.getpid():
+        return info.get("token") not in _live_locks
+    return not (isinstance(pid, int) and psutil.pid_exists(pid))
+
+
+class WriterLock:
+    """``<store>.lock``, created exclusively; released on close or when its writer is collected."""
+
+    def __init__(self, path: Path, owner: object):
+        self.path = lock_path(path)
+        self.token = uuid.uuid4().hex
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "token": self.token}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                held = self._holder()
+                if held is not None and not _lock_is_stale(held) and held.get("pid") == os.getpid():
+                    raise StoreError(f"{path} is locked: a Recorder in this process still records there; "
+                                     "call its close() (or use it in a with block) before recording again") from None
+                if held is not None and not _lock_is_stale(held):
+                    raise StoreError(
+                        f"{path} is being recorded by another writer (pid {held.get('pid')} on "
+                        f"{held.get('host')}); wait for it to close, or delete {self.path} if no "
+                        "writer is running") from None
+                self._break()
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(info, f)
+            break
+        else:
+            raise StoreError(f"cannot take the writer lock {self.path}; delete it if no writer is running")
+        _live_locks[self.token] = owner
+        self._finalizer = weakref.finalize(owner, _unlink_if_ours, self.path, self.token)
+
+    def _holder(self) -> dict | None:
+        try:
+            info = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None  # unreadable: a writer died while creating it
+        return info if isinstance(info, dict) else None
+
+    def _break(self) -> None:
+        try:  # rename first, so two processes breaking one stale lock don't delete a fresh one
+            aside = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex}")
+            os.replace(self.path, aside)
+            aside.unlink()
+        except FileNotFoundError:
+            pass
+
+    def release(self) -> None:
+        self._finalizer()
+
+
+def _unlink_if_ours(path: Path, token: str) -> None:
+    try:
+        if json.loads(path.read_text()).get("token") == token:
+            path.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 @dataclass
@@ -63,8 +160,10 @@ class StoreWriter:
                  splits: dict[str, tuple[torch.Tensor, torch.Tensor]], constants: list[torch.Tensor],
                  overwrite: bool):
         self.path = Path(path)
+        self.lock = WriterLock(self.path, self)
         if self.path.exists():
             if not overwrite:
+                self.lock.release()
                 raise StoreError(f"{self.path} already exists; choose a new path or pass overwrite=True")
             shutil.rmtree(self.path)
         self.n_groups, self.n_elem, self.buffers = n_groups, n_elem, buffers
@@ -87,9 +186,14 @@ class StoreWriter:
             data[f"y_{name}"] = xr.Variable([f"{name}_item"] + [f"y_{name}_{i}" for i in range(1, y.dim())], _np(y))
         for i, c in enumerate(constants):
             data[f"const_{i}"] = xr.Variable([f"const_{i}_{d}" for d in range(c.dim())], _np(c))
-        self.attrs = attrs  # xarray's appends reset the root attrs; every commit rewrites them whole
-        ds = xr.Dataset(data, attrs={**attrs, "committed_steps": 0, "committed_ckpts": 0, "closed": False})
-        ds.to_zarr(self.path, mode="w", consolidated=False)
+        self.attrs = attrs
+        self.commit = {"committed_steps": 0, "committed_ckpts": 0, "closed": False}
+        ds = xr.Dataset(data, attrs=self._root_attrs())
+        ds.to_zarr(self.path, mode="w", consolidated=False, write_empty_chunks=True,
+                   encoding={v: dict(CODECS) for v in data})
+
+    def _root_attrs(self) -> dict:
+        return {**self.attrs, **self.commit}
 
     # -- buffering ---------------------------------------------------------------------------
     def add_step(self, row: dict, batch: np.ndarray) -> None:
@@ -112,13 +216,15 @@ class StoreWriter:
 
     # -- writing -----------------------------------------------------------------------------
     def _append(self, ds: xr.Dataset, dim: str, chunks: dict[str, tuple[int, ...]]) -> None:
+        # xarray rewrites the root attrs on every append: give it the last commit, never nothing
+        ds.attrs = self._root_attrs()
         names = set(ds.data_vars)
         if not names & self._created:
-            enc = {v: {"chunks": chunks[v]} for v in ds.data_vars}
-            ds.to_zarr(self.path, mode="a", consolidated=False, encoding=enc)
+            enc = {v: {"chunks": chunks[v], **CODECS} for v in ds.data_vars}
+            ds.to_zarr(self.path, mode="a", consolidated=False, encoding=enc, write_empty_chunks=True)
             self._created |= names
         else:
-            ds.to_zarr(self.path, mode="a", append_dim=dim, consolidated=False)
+            ds.to_zarr(self.path, mode="a", append_dim=dim, consolidated=False, write_empty_chunks=True)
 
     def flush(self, final: bool) -> None:
         """Write whole chunks (everything if ``final``), then commit the complete-step count."""
@@ -155,40 +261,152 @@ class StoreWriter:
             self._append(xr.Dataset(data), "step", chunks)
             self.written_steps += n_st
         self._commit(closed=final)
+        if final:
+            self.lock.release()
 
     def _commit(self, closed: bool) -> None:
         """Count the steps whose rows and samples are all on disk, and publish that number."""
         ends = np.asarray(self._batch_ends[: self.written_steps])
         complete = int(np.searchsorted(ends, self.written_samples, side="right"))
-        zarr.open_group(str(self.path), mode="r+").attrs.put({**self.attrs, "committed_steps": complete, "committed_ckpts": self.written_ckpts, "closed": closed})
+        self.commit = {"committed_steps": complete, "committed_ckpts": self.written_ckpts, "closed": closed}
+        zarr.open_group(str(self.path), mode="r+").attrs.put(self._root_attrs())
 
 
 # ---------------------------------------------------------------------------------------------
 # reading
 
-def open_dataset(path: str | os.PathLike) -> tuple[xr.Dataset, dict]:
-    """Open a store, checking format and commit, with one-line errors for every failure."""
-    p = Path(path)
-    if not p.exists():
-        raise StoreError(f"no run at {p}: the path does not exist; record one with explaind_ql.Recorder")
-    try:
-        attrs = dict(zarr.open_group(str(p), mode="r").attrs)
-    except Exception as exc:  # zarr raises many kinds for damaged metadata
-        raise StoreError(f"{p} is not a readable zarr store ({type(exc).__name__}); it is "
-                         "corrupted or not an explaind_ql run") from None
-    version = attrs.get(FORMAT_KEY)
-    if version is None:
-        raise StoreError(f"{p} is a zarr store but not an explaind_ql run (no '{FORMAT_KEY}' attribute)")
-    if int(version) > FORMAT_VERSION:
-        raise StoreError(f"{p} was written in store format {version}, newer than this explaind_ql "
-                         f"(format {FORMAT_VERSION}); upgrade explaind_ql to read it")
-    try:
-        ds = xr.open_zarr(p, consolidated=False, chunks=None)
-    except Exception as exc:
-        raise StoreError(f"{p} is truncated or corrupted ({type(exc).__name__}: {exc}); "
-                         "re-record the run") from None
-    if int(attrs.get("committed_ckpts", 0)) < 1 or "theta" not in ds:
-        raise StoreError(f"{p} holds no committed state (the recording died before its first "
-                         "checkpoint was written); re-record the run")
-    return ds, attrs
+def _count(attrs: dict, key: str, p: Path) -> int:
+    v = attrs.get(key, 0)
+    if type(v) is not int or v < 0:
+        raise StoreError(f"{p} has a damaged commit record ('{key}' is {v!r}, not a count); "
+                         "run `explaind-ql verify` on it, then re-record the run")
+    return v
 
+
+class StoreReader:
+    """The committed prefix of a store, read array by array through zarr.
+
+    Each read checks that every chunk it touches exists (zarr would return fill values for
+    a missing one) and turns a failed decode (checksum, truncated chunk) into a StoreError
+    that names the array.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        p = self.path = Path(path)
+        if not p.exists():
+            raise StoreError(f"no run at {p}: the path does not exist; record one with explaind_ql.Recorder")
+        try:
+            self.group = zarr.open_group(str(p), mode="r")
+            self.attrs = dict(self.group.attrs)
+        except Exception as exc:  # zarr raises many kinds for damaged metadata
+            raise StoreError(f"{p} is not a readable zarr store ({type(exc).__name__}); it is "
+                             "corrupted or not an explaind_ql run") from None
+        version = self.attrs.get(FORMAT_KEY)
+        if version is None:
+            raise StoreError(f"{p} is a zarr store but not an explaind_ql run (no '{FORMAT_KEY}' attribute)")
+        if type(version) is not int or version != FORMAT_VERSION:
+            newer = type(version) is int and version > FORMAT_VERSION
+            raise StoreError(f"{p} was written in store format {version!r}; this explaind_ql reads format "
+                             f"{FORMAT_VERSION} only; "
+                             + ("upgrade explaind_ql to read it" if newer else "re-record the run"))
+        self.n_steps = _count(self.attrs, "committed_steps", p)
+        self.n_ckpts = _count(self.attrs, "committed_ckpts", p)
+        if self.n_ckpts < 1 or "theta" not in self:
+            raise StoreError(f"{p} holds no committed state (the recording died before its first "
+                             "checkpoint was written); re-record the run")
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return (self.path / name / "zarr.json").is_file()
+
+    def array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            if name not in self:
+                raise StoreError(f"{self.path} is damaged: array '{name}' is missing; run "
+                                 f"`explaind-ql verify {self.path}`, then re-record the run")
+            try:
+                arr = self.group[name]
+            except Exception as exc:
+                raise self._damaged(name, exc) from None
+            if not isinstance(arr, zarr.Array):
+                raise StoreError(f"{self.path} is damaged: '{name}' is not an array; re-record the run")
+            self._arrays[name] = arr
+        return self._arrays[name]
+
+    def committed_rows(self, name: str) -> int:
+        """How many leading rows of ``name`` are committed (all of a split or constant)."""
+        arr = self.array(name)
+        dim = (arr.metadata.dimension_names or (None,))[0]
+        if dim == "step":
+            return self.n_steps
+        if dim == "ckpt":
+            return self.n_ckpts
+        if dim == "sample":
+            return self.n_samples
+        return arr.shape[0] if arr.ndim else 1
+
+    @property
+    def n_samples(self) -> int:
+        if not self.n_steps:
+            return 0
+        start = self.read("batch_start", slice(self.n_steps - 1, self.n_steps))
+        size = self.read("batch_size", slice(self.n_steps - 1, self.n_steps))
+        return int(start[0] + size[0])
+
+    def missing_chunks(self, name: str, rows: np.ndarray | None = None) -> list[str]:
+        """Keys of the chunks that ``rows`` of ``name`` (default: its committed rows) need but that
+        are not on disk."""
+        arr = self.array(name)
+        if arr.ndim == 0:
+            return [] if (self.path / name / "c").exists() else ["c"]
+        n = self.committed_rows(name)
+        rows = np.arange(n) if rows is None else np.asarray(rows)
+        c0 = arr.chunks[0]
+        grids = [np.unique(rows // c0)] + [np.arange(-(-s // c)) for s, c in zip(arr.shape[1:], arr.chunks[1:])]
+        missing = []
+        for coords in np.stack(np.meshgrid(*grids, indexing="ij"), -1).reshape(-1, arr.ndim):
+            key = arr.metadata.encode_chunk_key(tuple(int(c) for c in coords))
+            if not (self.path / name / key).is_file():
+                missing.append(key)
+        return missing
+
+    def read(self, name: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """``name``'s committed rows (or the given ``rows`` of them), checked and decoded."""
+        arr = self.array(name)
+        n = self.committed_rows(name)
+        if arr.ndim and arr.shape[0] < n:
+            raise StoreError(f"{self.path} is damaged: '{name}' holds {arr.shape[0]} rows but the commit "
+                             f"says {n}; run `explaind-ql verify {self.path}`, then re-record the run")
+        if rows is None:
+            rows = slice(0, n)
+        idx = np.arange(n)[rows] if isinstance(rows, slice) else np.asarray(rows, np.int64)
+        if arr.ndim and len(idx) and (idx.min() < 0 or idx.max() >= n):
+            raise StoreError(f"{self.path}: rows {idx.min()}..{idx.max()} of '{name}' lie past its "
+                             f"{n} committed rows; the store's metadata is damaged")
+        missing = self.missing_chunks(name, idx) if arr.ndim else self.missing_chunks(name)
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise DamagedStoreError(self.path, name, f"chunk {missing[0]}{more} is missing")
+        try:
+            if not arr.ndim:
+                return np.asarray(arr[()])
+            if isinstance(rows, slice) and len(idx) and np.all(np.diff(idx) == 1):
+                return np.asarray(arr[int(idx[0]): int(idx[-1]) + 1])
+            return np.asarray(arr.oindex[idx]) if len(idx) else np.zeros((0, *arr.shape[1:]), arr.dtype)
+        except Exception as exc:  # the codecs raise ValueError (checksum), zstd errors, OSError
+            raise self._damaged(name, exc) from None
+
+    def _damaged(self, name: str, exc: Exception) -> StoreError:
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        why = ("a checksum mismatch (its bytes changed on disk)" if "checksum" in text.lower()
+               else f"a chunk that does not decode ({type(exc).__name__}: {text[:80]})")
+        return DamagedStoreError(self.path, name, why)
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(self.array(name).dtype)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.array(name).shape)
+
+    def names(self) -> list[str]:
+        return sorted(d.name for d in self.path.iterdir() if (d / "zarr.json").is_file())

@@ -183,6 +183,31 @@ def test_params_and_options(run):
     ("influence on test[0] by output", "'by output' needs a target with several outputs", 22),
     ("influence on test[0] using quadrature 3, tolerance 1e-3", "fixes the nodes", 22),
     ("influence on test where label = 99", "no item of test has label 99", 14),
+    # one rule for repeated items, in `on` and `from` alike (never counted twice, never merged)
+    ("kernel on test[0,0] from train[0]", "test item 0 is selected twice; list each item once", 15),
+    ("kernel on test[0] from train[0, 0]", "train item 0 is selected twice; list each item once", 29),
+    ("influence on test[0..3,2]", "test item 2 is selected twice", 18),
+    ("influence on test[0..2, 1:4]", "test item 1 is selected twice", 25),
+    ("influence on test[0] from train[3:, 0..5]", "train item 3 is selected twice", 37),
+    # empty selections
+    ("influence on test[:0]", "test[:0] selects no items", 19),
+    ("influence on test[0] from train[:0]", "train[:0] selects no items", 33),
+    ("check on test[:0]", "test[:0] selects no items", 15),
+    ("evaluate on test[1, :0]", "test[:0] selects no items", 21),
+    ("influence on test[0] over steps :0", "steps :0 select no steps", 22),
+    ("evaluate at steps :0 every 2", "steps :0 select no steps", 10),
+    # clauses the measure would ignore
+    ("check of layer emb on test[0]", "'check' does not use 'of'", 10),
+    ("check on test[0] from train[0..3]", "'check' does not use 'from'", 23),
+    ("check on test[0] top 3", "'check' does not use 'top'", 18),
+    ("evaluate of layer emb on test[0]", "'evaluate' does not use 'of'", 13),
+    ("evaluate on margin(test[0])", "'evaluate' does not use a target function ('margin')", 13),
+    ("evaluate on output[3](test[0]) at step 2", "'evaluate' does not use a target function ('output')", 13),
+    ("evaluate on test[0] from train[0]", "'evaluate' does not use 'from'", 26),
+    ("evaluate on test[0] top 2", "'evaluate' does not use 'top'", 21),
+    ("similarity on test[0..2] from train[0]", "'similarity' does not use 'from'", 31),
+    ("similarity on test[0..2] top 3", "'similarity' does not use 'top'", 26),
+    ("check top 3 from train[0]", "'check' does not use 'top'", 7),  # the first one written
 ])
 def test_semantic_errors_point_at_the_clause(run, query, needle, col):
     with pytest.raises(SemanticError) as exc:
@@ -195,9 +220,20 @@ def test_semantic_errors_point_at_the_clause(run, query, needle, col):
     assert caret_line.index("^") - 2 == col - 1
 
 
+def test_what_the_docs_show_stays_valid(run):
+    """The refusals above leave every documented form alone: `label(...)` is the bare target."""
+    assert run.query("evaluate on label(test[*]) at steps 0:12 every 4").equals(
+        run.query("evaluate on test[*] at steps 0:12 every 4"))
+    assert run.query("similarity of layer emb on test[0..2] over steps 2:6").height == 9
+    assert run.query("check on loss(test[0..1]) over steps 2:4 using quadrature 2").height == 2
+    assert run.query("kernel on test[0, 1..2] from train[0:2, 5]").filter(pl.col("term") == "gradient").height == 9
+
+
 def test_budget_refusal_is_a_clean_error(run):
-    with pytest.raises(ExplaindError, match="narrow the selection"):
+    with pytest.raises(ExplaindError, match="the answer alone would hold .* the largest axis is"):
         run.query("influence on test[*] by example, test using budget 1KB")
+    with pytest.raises(ExplaindError, match="even in the smallest chunks; narrow the selection"):
+        run.query("influence on test[0] using budget 4KB")
 
 
 def test_repeated_queries_reuse_cached_features(run):

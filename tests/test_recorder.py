@@ -77,7 +77,7 @@ def test_round_trip(tmp_path):
     assert info["layers"] == {"net": 51, "net.0": 30, "net.2": 21}
     assert info["optimizer"]["class"] == "AdamW" and info["bytes_on_disk"] > 0
     attrs = run.attrs
-    assert attrs["explaind_format"] == 1 and attrs["torch_version"] == torch.__version__
+    assert attrs["explaind_format"] == 2 and attrs["torch_version"] == torch.__version__
     assert attrs["loss"] == {"name": "cross_entropy", "reduction": "mean"}
     assert attrs["factory"] == "explaind_ql.models:MLP"
     assert "7 steps" in repr(run)
@@ -251,6 +251,9 @@ def test_existing_path_and_bad_batches(tmp_path):
     rec = _rec(tmp_path)
     with pytest.raises(RecordingError, match=r"0\.\.11"):
         rec.step([3, 40])
+    with pytest.raises(StoreError, match="a Recorder in this process still records there"):
+        _rec(tmp_path, overwrite=True)
+    rec.close()
     with pytest.raises(StoreError, match="already exists"):
         _rec(tmp_path)
 
@@ -352,7 +355,7 @@ def test_store_errors_are_one_line(tmp_path):
     doc = json.loads(meta.read_text())
     doc["attributes"]["explaind_format"] = 99
     meta.write_text(json.dumps(doc))
-    with pytest.raises(StoreError, match="format 99, newer"):
+    with pytest.raises(StoreError, match="format 99;.*upgrade explaind_ql"):
         eq.open(path)
     meta.write_text("{ not json")
     with pytest.raises(StoreError, match="not a readable zarr store") as exc:
@@ -424,3 +427,66 @@ def test_float32_replay_is_bit_exact(toy_run, optimizer):
     drift = run.cache["drift"]
     assert set(drift) == {5, 10, 15, 20, 23}
     assert all(d.abs_error == 0.0 for d in drift.values())
+
+
+# -- misuse: one-line errors, nothing recorded silently --------------------------------------------
+
+def _one_step(model, opt, x, y, idx):
+    loss = F.cross_entropy(model(x[idx]), y[idx])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def _fresh(path, make_opt=torch.optim.AdamW, params=slice(None)):
+    """(x, y, model, opt, recorder) before the first step."""
+    x, y = data()
+    model = mlp()
+    opt = make_opt(list(model.parameters())[params], lr=1e-2)
+    return x, y, model, opt, eq.Recorder(path, model, opt, train=(x, y), **FACTORY)
+
+
+@pytest.mark.parametrize("batch,needle", [
+    ("0,1,2", "not str"),
+    (["a", "b"], "not list"),
+    (torch.tensor([0.0, 1.7], dtype=torch.float64), "float64"),
+    ([0.5, 1.0], "float32"),
+    (torch.tensor([True, False]), "torch.bool"),
+])
+def test_batch_indices_must_be_integers(tmp_path, batch, needle):
+    x, y, model, opt, rec = _fresh(tmp_path / "r.zarr")
+    _one_step(model, opt, x, y, torch.arange(4))
+    with pytest.raises(RecordingError, match=f"step 0: batch indices must be integers.*{needle}"):
+        rec.step(batch)
+
+
+def test_a_param_group_added_mid_run_is_refused(tmp_path):
+    x, y, model, opt, rec = _fresh(tmp_path / "r.zarr", params=slice(0, 2))
+    train_steps(rec, model, opt, x, y, 1)
+    opt.add_param_group({"params": list(model.parameters())[2:]})
+    _one_step(model, opt, x, y, torch.arange(4))
+    with pytest.raises(RecordingError, match="step 1: the optimizer's param groups changed"):
+        rec.step(torch.arange(4))
+
+
+def test_non_finite_values_are_refused_at_record_time(tmp_path):
+    x, y, model, opt, rec = _fresh(tmp_path / "r.zarr", torch.optim.SGD)
+    train_steps(rec, model, opt, x, y, 2)
+    loss = _one_step(model, opt, x, y, torch.arange(4))
+    with pytest.raises(RecordingError, match="step 2: the loss is nan"):
+        rec.step(torch.arange(4), loss=loss * float("nan"))
+    x, y, model, opt, rec = _fresh(tmp_path / "nan.zarr", torch.optim.SGD)
+    x[0, 0] = float("nan")  # training sees a NaN input: its gradient is NaN
+    _one_step(model, opt, x, y, torch.arange(4))
+    with pytest.raises(RecordingError, match="step 0: the gradient of 'net.0.weight' hold NaN"):
+        rec.step(torch.arange(4))
+
+
+def test_step_called_twice_names_the_mistake(tmp_path):
+    x, y, model, opt, rec = _fresh(tmp_path / "r.zarr")
+    _one_step(model, opt, x, y, torch.arange(4))
+    rec.step(torch.arange(4))
+    with pytest.raises(VerificationError, match=r"did not change since the last rec.step\(\).*not twice") as exc:
+        rec.step(torch.arange(4))
+    assert "%" not in str(exc.value) and len(str(exc.value)) < 300

@@ -40,13 +40,15 @@ def shared(tmp_path_factory):
     sys.path.insert(0, str(ROOT / "bench" / "reference"))
     try:
         from adapter import run_reference
-        from shared import our_terms, record_shared
+        from shared import REF_FACTORY, our_terms, record_shared
     finally:
         sys.path.pop(0)
     import explaind_ql as eq
     ref = run_reference(p=11, n_train=30, n_test=8, steps=12, d_model=16, d_mlp=32, weight_decay=1.0,
                         dtype=torch.float64, integral_nodes=100, shuffle=True)
-    run = eq.open(record_shared(ref, tmp_path_factory.mktemp("ref") / "shared.zarr"))
+    # the reference's model class rebuilds the run: trusted here, as a user would trust it
+    run = eq.open(record_shared(ref, tmp_path_factory.mktemp("ref") / "shared.zarr"),
+                  trust=[REF_FACTORY.partition(":")[0]])
     return ref, run, our_terms
 
 

@@ -8,7 +8,7 @@ refused with the selection to narrow, before any work is done.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import psutil
 import torch
@@ -57,6 +57,48 @@ def estimate(req: Request, n_total: int, n_sel: int, n_targets: int, n_train: in
         seg = req.segment_steps or (req.b - req.a)
         b += seg * (n_total + (T + 6) * n_sel) + T * batch * G
     return int(b * itemsize)
+
+
+# bytes per answer row while the frame is built: four int64 engine indices, the value, the term,
+# up to six key columns, and the copies that concat, relabelling and a regroup make of them
+FRAME_ROW_BYTES = 320
+
+
+@dataclass(frozen=True)
+class Output:
+    """What the answer itself holds: the result tensors (twice while chunks merge) and the frame."""
+
+    cells: int                      # gradient cells, plus the decay and momentum rows
+    result_bytes: int
+    frame_bytes: int
+    axes: tuple[tuple[str, int], ...]  # (axis, extent) of the answer, largest first
+
+    @property
+    def bytes(self) -> int:
+        return 2 * self.result_bytes + self.frame_bytes
+
+
+def output(req: Request, n_sel: int, n_targets: int, n_train: int, itemsize: int) -> Output:
+    """The answer's size: (bins, targets, examples, groups) gradient cells plus two (bins, targets,
+    groups) terms, as tensors and as frame rows."""
+    G = n_sel if req.by_element else req.n_groups
+    E = (n_train if req.examples is None else len(req.examples)) if req.keep_examples else 1
+    cells = req.n_bins * n_targets * G * (E + 2)
+    axes = sorted([("element" if req.by_element else "group", G), ("example", E), ("step", req.n_bins),
+                   ("test", n_targets)], key=lambda a: -a[1])
+    return Output(cells, cells * itemsize, cells * FRAME_ROW_BYTES, tuple(axes))
+
+
+def refuse_output(out: Output, budget: int) -> BudgetError:
+    narrow = {"element": "by param or by layer instead of by element, or of fewer params",
+              "group": "fewer layers or params in the by keys",
+              "example": "fewer training examples (from train[...]) or top k",
+              "step": "fewer step bins (by step every N, or over steps a:b)",
+              "test": "fewer test items, or drop test from the by keys"}
+    axis, extent = out.axes[0]
+    return BudgetError(f"the answer alone would hold {out.cells:,} values (about {fmt_bytes(out.bytes)} with "
+                       f"its frame), over the {fmt_bytes(budget)} budget; the largest axis is {axis} "
+                       f"({extent:,}): ask for {narrow[axis]}, or raise the budget with 'using budget ...'")
 
 
 def _halves(items: tuple) -> list[tuple]:
@@ -125,14 +167,24 @@ def refuse(req: Request, need: int, budget: int) -> BudgetError:
                        "with 'using budget ...'")
 
 
+def _sizes(engine, req: Request) -> tuple[list[str], int, int, int]:
+    run = engine.run
+    sel = [n for n in run.space.names if n in set(req.params)]
+    return (sel, sum(run.space.by_name[n].numel for n in sel), len(engine.target_labels(req.target)),
+            torch.empty((), dtype=engine.dtype).element_size())
+
+
+def answer(engine, req: Request) -> Output:
+    """The answer's size for the whole request (before any chunking)."""
+    _, n_sel, n_targets, itemsize = _sizes(engine, req)
+    return output(req, n_sel, n_targets, engine.run.split_size("train"), max(itemsize, 8))
+
+
 def plan(engine, req: Request, budget: int) -> tuple:
     """Chunk tree for ``req`` under ``budget``: ('leaf', req, bytes) or ('split', axis, [subtrees])."""
     run = engine.run
-    sel = [n for n in run.space.names if n in set(req.params)]
-    n_sel = sum(run.space.by_name[n].numel for n in sel)
-    n_targets = len(engine.target_labels(req.target))
-    need = estimate(req, run.space.size, n_sel, n_targets, run.split_size("train"), engine.max_batch,
-                    torch.empty((), dtype=engine.dtype).element_size())
+    sel, n_sel, n_targets, itemsize = _sizes(engine, req)
+    need = estimate(req, run.space.size, n_sel, n_targets, run.split_size("train"), engine.max_batch, itemsize)
     if need <= budget:
         return ("leaf", req, need)
     nxt = split(req, sel)

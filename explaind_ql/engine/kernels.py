@@ -358,8 +358,9 @@ class _Context:
             outs = [f(t, lanes.x[lane], lanes.y[lane], *ex) for t, lane, *ex in parts]
             return tuple(map(torch.cat, zip(*outs))) if isinstance(outs[0], tuple) else torch.cat(outs)
 
-        f_at = (partial(rows, per_forward, lambda t, x, y: path.values(lanes.target, t, x, y))
-                if self.all_params else None)
+        # the exact change F(θ + tΔθ): the integrands of a restricted selection carry the other params'
+        # part (:meth:`_rest`), so every selection is held to it, as the whole model is
+        f_at = partial(rows, per_forward, lambda t, x, y: path.values(lanes.target, t, x, y))
         slopes = partial(rows, per_forward, lambda t, x, y: path.slopes(t, x)) if self.kinked else None
         jumped = (partial(rows, max(1, per_call // 2), lambda t, x, y, *jumps: at_rows(t, x, y, jumps))
                   if self.kinked else None)
@@ -369,19 +370,45 @@ class _Context:
                                    self.eng.device, self.req.rule, pooled=lanes.summed)
         return out.unflatten(cat_dim, (lanes.count, -1)).sum(cat_dim) if lanes.summed else out  # Σ_x ∫∇F_x
 
+    def _rest(self) -> bool:
+        """Whether the test-side integrands carry the unselected params' part of the step.
+
+        The adaptive rule holds an estimate to the exact change F(θ_{s+1}) − F(θ_s), which only the
+        whole step's φ·Δθ has. Without it a selection is judged by its halvings alone, which cannot
+        see a jump of the integrand that falls mid-span (the two rules then weigh both sides alike:
+        the margin's switch of the largest other logit on a smooth model), so ``of X`` would be
+        integrated on other spans, to another value, than X's rows of the unrestricted query. The
+        other params therefore enter as one more part, their derivative along their own Δθ, which
+        is checked with the selection and never reported: a restriction is a pure restriction.
+        """
+        return not self.all_params and self.budget is not None
+
     def phi(self, rec: StepRecord) -> torch.Tensor:
         """(T, P_sel) path-integrated target gradient."""
         idx, fn, d = self.idx, self.eng.fn, rec.delta[self.idx]
+        rest = None
+        if self._rest():  # the other params' Δθ: their part is one more column, ∇F · Δθ_rest
+            rest = rec.delta.clone()
+            rest[idx] = 0
+        d_all = d if rest is None else torch.cat([d, d.new_ones(1)])  # what each column is contracted with
 
         def at_rows(ts: torch.Tensor, x: torch.Tensor, y: torch.Tensor, jumps=None) -> torch.Tensor:
             pts = rec.theta[None] + ts[:, None] * rec.delta[None]
-            return fn.lane_jacobian(self.sel, self.lanes.target, pts[:, idx], pts, x, y, jumps)
+            return fn.lane_jacobian(self.sel, self.lanes.target, pts[:, idx], pts, x, y, jumps, rest)
+
+        def error(c: torch.Tensor, f: torch.Tensor) -> torch.Tensor:  # of the selection's part, and of the whole
+            sel = quadrature.beyond_rounding((f - c)[..., :len(d)] @ d, f[..., :len(d)].abs() @ d.abs())
+            return sel if rest is None else torch.maximum(
+                sel, quadrature.beyond_rounding((f - c) @ d_all, f.abs() @ d_all.abs()))
+
+        def integrate() -> torch.Tensor:
+            out = self._integrate(rec, fn.path(rec.theta, rec.delta), at_rows, lambda est: est @ d_all,
+                                  lambda est: est.abs() @ d_all.abs(), error, row_bytes, 0)
+            return out if rest is None else out[:, :-1].contiguous()
 
         c = self._targets_per_lane()  # a reverse pass each
         row_bytes = fn.itemsize * c * (4 * max(1, self.sel.size) + 3 * self._activations()[0])
-        return self._cached(("phi", rec.s), lambda: self._integrate(
-            rec, fn.path(rec.theta, rec.delta), at_rows, lambda est: est @ d, lambda est: est.abs() @ d.abs(),
-            lambda c, f: quadrature.beyond_rounding((f - c) @ d, f.abs() @ d.abs()), row_bytes, 0))
+        return self._cached(("phi", rec.s), integrate)
 
     def projections(self, rec: StepRecord, vecs: torch.Tensor) -> torch.Tensor:
         """(V, G, T): φ_s · (each vector of ``vecs`` restricted to each group), without φ.
@@ -401,14 +428,32 @@ class _Context:
         moved_rows = self.eng.run.space.size <= row
         row_bytes = fn.itemsize * (row + moved_rows * self.eng.run.space.size)
 
+        sel, groups, H = self.sel, self.groups, G
+        if self._rest():  # the other params are one more group, moved by their Δθ only (see _rest)
+            sel, groups, H, vecs = self._with_rest_group(rec, vecs)
+
         def integrate() -> torch.Tensor:
-            path = fn.path(rec.theta, rec.delta, self.sel, vecs, self.groups, moved_rows)
-            return self._integrate(
+            path = fn.path(rec.theta, rec.delta, sel, vecs, groups, moved_rows)
+            out = self._integrate(
                 rec, path, lambda ts, x, y, jumps=None: path.projections(self.lanes.target, ts, x, y, C, jumps)
-                .flatten(1, 2), lambda est: est[:G].sum(0), lambda est: est.abs().sum(0),
+                .flatten(1, 2), lambda est: est[:H].sum(0), lambda est: est.abs().sum(0),
                 lambda c, f: quadrature.beyond_rounding(f - c, f.abs()).amax(0), row_bytes, 1)
+            return out.reshape(len(vecs), H, -1)[:, :G].contiguous()
         out = self._cached(("proj", rec.s, self.req.a, self.req.group_of_param, len(vecs)), integrate)
         return out.reshape(len(vecs), G, -1)
+
+    def _with_rest_group(self, rec: StepRecord, vecs: torch.Tensor) -> tuple[ParamSpace, Groups, int, torch.Tensor]:
+        """Every param, the unselected ones as group G, and ``vecs`` over all of them: Δθ there for the
+        first vector (the step itself), zero for the others (decay and carried momentum are the selection's)."""
+        space, req = self.eng.run.space, self.req
+        own = dict(zip(req.params, req.group_of_param))
+        names = tuple(space.names)
+        groups = Groups(space, dataclasses.replace(req, params=names, group_of_param=tuple(
+            own.get(n, self.G) for n in names), n_groups=self.G + 1), self.eng.device)
+        full = vecs.new_zeros(len(vecs), space.size)
+        full[:, self.idx] = vecs
+        full[0] = rec.delta
+        return space, groups, self.G + 1, full
 
     def _targets_per_lane(self) -> int:
         return self.T if self.lanes.summed else self.T // self.lanes.count

@@ -311,18 +311,29 @@ class ModelFn:
         return vmap(grad(reach), in_dims=(None, 0, 0))(theta_full.new_zeros(U), x, y) != 0
 
     def lane_jacobian(self, sel: ParamSpace, target: Callable, theta_sel: torch.Tensor, points: torch.Tensor,
-                      x: torch.Tensor, y: torch.Tensor, jumps: Jumps | None = None) -> torch.Tensor:
+                      x: torch.Tensor, y: torch.Tensor, jumps: Jumps | None = None,
+                      rest: torch.Tensor | None = None) -> torch.Tensor:
         """(m, C, P_sel) Jacobian of each row's lane targets wrt the selected params at its point.
 
         With ``jumps`` (per row), the Jacobian of the row's weighted value plus its kink jumps (:func:`_with_jumps`).
+        With ``rest`` (a full-length direction, zero on the selection: the step's Δθ of the other params),
+        one more column, (m, C, P_sel + 1): the targets' derivative along ``rest``, from the same reverse
+        passes, so that the selection's estimate can be held to the exact change of the targets.
         """
         f = self._lane_fn(sel, target)
-        if jumps is None:
+        if jumps is None and rest is None:
             return vmap(torch.func.jacrev(f))(theta_sel, points, x, y)
 
         def jumped(th, pt, xi, yi, *row):
-            return _with_jumps(lambda: f(th, pt, xi, yi), row)
-        return vmap(torch.func.jacrev(jumped))(theta_sel, points, x, y, *jumps)
+            return _with_jumps(lambda: f(th, pt, xi, yi), row) if row else f(th, pt, xi, yi)
+        if rest is None:
+            return vmap(torch.func.jacrev(jumped))(theta_sel, points, x, y, *jumps)
+
+        def extended(th, pt, xi, yi, *row):
+            j_sel, j_rest = torch.func.jacrev(lambda t, a: jumped(t, pt + a * rest, xi, yi, *row),
+                                              argnums=(0, 1))(th, pt.new_zeros(()))
+            return torch.cat([j_sel, j_rest[..., None]], -1)
+        return vmap(extended)(theta_sel, points, x, y, *(jumps or ()))
 
     def path(self, theta: torch.Tensor, delta: torch.Tensor, sel: ParamSpace | None = None,
              vecs: torch.Tensor | None = None, groups: Groups | None = None, moved_rows: bool = False) -> Path:

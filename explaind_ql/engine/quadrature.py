@@ -80,7 +80,9 @@ class Integrand:
     when items are kept apart, or all items together. ``values_at(ts, lanes)`` gives the
     integrand of lane ``lanes[j]`` at θ + ts[j]Δθ: a Jacobian (C, P_sel) or directional
     derivatives (K, C) per lane. ``along(est)`` is an estimate's φ·Δθ per target of the lane
-    (compared with the exact change ``f_at(ts, lanes)``, (m, C)) and ``spread(est)`` the sum
+    (compared with the exact change ``f_at(ts, lanes)``, (m, C), so it must cover the whole Δθ:
+    a param selection's integrand carries the other params' part as one more, unreported
+    column or group, or a jump that its halvings cannot see goes unrefined) and ``spread(est)`` the sum
     of the magnitudes of the parts it is reported as; ``error(coarse, fine)`` the per-target
     discrepancy between two estimates, beyond what rounding alone explains. ``cat_dim``
     joins the lanes' results into the whole target vector.
@@ -326,8 +328,8 @@ def integrate(fn: Integrand, n: int, budget: torch.Tensor | None, step: int, sta
     ``budget`` (per target, absolute error of the step) turns on global adaptive refinement;
     on ReLU models every estimate is kink-corrected (:class:`_Rule`). Each lane has its own
     budget, or with ``pooled`` the lanes (items whose results are summed) share one: the
-    budget of their sum. A lane's whole-step estimate that meets the exact change (``f_at``,
-    given only when every param is selected, where that is exact; within the budget shrunk
+    budget of their sum. A lane's whole-step estimate that meets the exact change (``f_at``;
+    the integrand of a param selection carries the other params' part for it; within the budget shrunk
     by how much the reported parts cancel, for pooled lanes those of their sum) is kept as
     it is. A span that misses with kinks of several ReLU calls is cut at all but one call's
     kinks (:meth:`_Rule.cuts`); otherwise its estimate becomes its two halves' estimates,

@@ -245,6 +245,11 @@ def _target(t: Target) -> str:
     return f"{t.kind}({items})"
 
 
+def selection_text(s: SplitSel) -> str:
+    """Canonical text of a split selection, as `unparse` writes it (`test[0:4] where label = 1`)."""
+    return _split(s)
+
+
 def _split(s: SplitSel) -> str:
     text = s.split + _index(s.index)
     if s.where_label is not None:
