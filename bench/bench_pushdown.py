@@ -1,7 +1,7 @@
 """What restriction pushdown buys: a layer- and step-restricted query, optimised and un-optimised.
 
 The un-optimised plan is the logical plan as is: every param, every step and every example
-computed, then filtered and regrouped (``explaind_ql.execute.run_query(..., pushdown=False)``).
+computed, then filtered and regrouped (``explaind_ql.execute.run_query(..., rules=WITHOUT_PUSHDOWN)``).
 Both run in this one process on the same run; the frames must agree.
 
 Run: ``python bench/bench_pushdown.py [--steps 60] [--write]``.
@@ -19,6 +19,7 @@ import torch
 from report import emit  # noqa: E402  (bench/ is on sys.path when run as a script)
 import explaind_ql as eq
 from explaind_ql.execute import run_query
+from explaind_ql.plan import WITHOUT_PUSHDOWN
 from explaind_ql.toy import record_toy
 
 QUERIES = [
@@ -43,14 +44,14 @@ def main() -> None:
         for template in QUERIES:
             q = template.format(a=a, b=b)
             run_query(run, template.format(a=b - 1, b=b))  # warm-up: torch.func traces once per shape
-            run_query(run, template.format(a=b - 1, b=b), pushdown=False)
+            run_query(run, template.format(a=b - 1, b=b), rules=WITHOUT_PUSHDOWN)
             run.cache.pop("phi", None)
             t0 = time.perf_counter()
             fast = run_query(run, q)
             t_fast = time.perf_counter() - t0
             run.cache.pop("phi", None)
             t0 = time.perf_counter()
-            full = run_query(run, q, pushdown=False)
+            full = run_query(run, q, rules=WITHOUT_PUSHDOWN)
             t_full = time.perf_counter() - t0
             total_diff = abs(float(fast["influence"].sum()) - float(full["influence"].sum()))
             lines.append(f"| `{q}` | {t_fast:.2f} | {t_full:.2f} | {t_full / t_fast:.1f}× | {total_diff:.1e} (frame totals) |")

@@ -177,10 +177,6 @@ def chunk_bounds(run: Run, a: int, b: int, n: int) -> tuple[tuple[int, ...], str
     return (a, *sorted(picks), b), "aligned with stored checkpoints"
 
 
-def _leaves(tree: tuple) -> list[Request]:
-    return [tree[1]] if tree[0] == "leaf" else [r for t in tree[2] for r in _leaves(t)]
-
-
 def _chunk(req: Request, c: int, d: int) -> tuple[Request, list[int]]:
     """The request for steps c..d-1 of ``req`` and the query's bin of each of its local bins."""
     if req.step_bin is None:
@@ -226,7 +222,7 @@ def distribute(plan, run: Run, eng: Engine, scheduler: Any, device: str | None, 
     tree = plan.chunks
     if per_chunk != strategy:
         tree = engine_budget.plan(eng, dataclasses.replace(req, strategy=per_chunk), plan.budget)
-    leaves = _leaves(tree)
+    leaves = tree.leaves()
     want = chunks or CHUNKS_PER_THREAD * threads
     bounds, aligned = chunk_bounds(run, req.a, req.b, want)
     resp = _response_bytes(run, eng, leaves, bounds)
@@ -357,7 +353,7 @@ def execute(run: Run, plan) -> Result:
     t0 = time.perf_counter()
     futures = []
     try:
-        for li, leaf in enumerate(_leaves(plan.chunks)):
+        for li, leaf in enumerate(plan.chunks.leaves()):
             row = []
             for j, (c, d) in enumerate(dist.chunks):
                 req, gbins = _chunk(leaf, c, d)
@@ -378,7 +374,7 @@ def execute(run: Run, plan) -> Result:
                 row = next(pending)
                 return compose(run, leaf, ((fetched(f, c, d), g) for f, c, d, g in row))
 
-            result = _reduce(plan.chunks, leaf_result, plan.request.by_element)
+            result = _reduce(plan.chunks, leaf_result)
     except BaseException:
         client.cancel([f for f in futures if not f.done()])
         raise
@@ -387,11 +383,10 @@ def execute(run: Run, plan) -> Result:
     return result
 
 
-def _reduce(tree: tuple, leaf_result, by_element: bool) -> Result:
-    if tree[0] == "leaf":
-        return leaf_result(tree[1])
-    _, axis, subs = tree
-    return engine_budget.merge(axis, [_reduce(t, leaf_result, by_element) for t in subs], by_element)
+def _reduce(tree: engine_budget.Chunks, leaf_result) -> Result:
+    if isinstance(tree, engine_budget.Leaf):
+        return leaf_result(tree.request)
+    return engine_budget.merge(tree.axis, [_reduce(t, leaf_result) for t in tree.parts], tree.by_element)
 
 
 __all__ = ["ClusterError", "Distribution", "chunk_bounds", "compose", "connect", "distribute", "execute",

@@ -97,8 +97,3 @@ class ClusterError(ExplaindError):
 
     exit_code = 4
 
-
-class ReplayError(ExplaindError):
-    """Replaying a checkpointed segment drifted away from the next stored checkpoint."""
-
-    exit_code = 4

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Sequence
 
 import polars as pl
 import psutil
@@ -22,7 +22,7 @@ from .engine import budget as engine_budget
 from .engine.kernels import Engine
 from .engine.reconstruct import update_errors
 from .lang import parse
-from .plan import Plan, cheapest, optimise, render
+from .plan import RULES, Plan, Rule, cheapest, optimise, render
 from .results import influence_frame, residual_line
 from .run import Run
 from .semantic import Bound, bind
@@ -37,7 +37,7 @@ def engine_for(run: Run, device: str, dtype: torch.dtype) -> Engine:
     return engines[key]
 
 
-def prepare(run: Run, text: str, params: dict[str, Any] | None = None, pushdown: bool = True,
+def prepare(run: Run, text: str, params: dict[str, Any] | None = None, rules: Sequence[Rule] = RULES,
             scheduler: Any = None) -> tuple[Bound, Engine, Plan | None]:
     """Parse, bind and plan. ``scheduler`` (or the query's ``using cluster``) distributes the plan.
 
@@ -48,7 +48,7 @@ def prepare(run: Run, text: str, params: dict[str, Any] | None = None, pushdown:
     remote = scheduler is not None or bound.cluster is not None
     gpu_elsewhere = remote and bound.device.startswith("cuda") and not torch.cuda.is_available()
     eng = engine_for(run, "cpu" if gpu_elsewhere else bound.device, bound.dtype)  # with a cluster: plans only
-    plan = optimise(bound, run, eng, pushdown=pushdown) if bound.measure in ("influence", "kernel") else None
+    plan = optimise(bound, run, eng, rules=rules) if bound.measure in ("influence", "kernel") else None
     if plan is not None and remote:
         from . import distributed
         plan = distributed.distribute(plan, run, eng, distributed.scheduler_for(scheduler, bound.cluster),
@@ -56,9 +56,9 @@ def prepare(run: Run, text: str, params: dict[str, Any] | None = None, pushdown:
     return bound, eng, plan
 
 
-def run_query(run: Run, text: str, params: dict[str, Any] | None = None, pushdown: bool = True,
+def run_query(run: Run, text: str, params: dict[str, Any] | None = None, rules: Sequence[Rule] = RULES,
               scheduler: Any = None) -> pl.DataFrame:
-    bound, eng, plan = prepare(run, text, params, pushdown, scheduler)
+    bound, eng, plan = prepare(run, text, params, rules, scheduler)
     if bound.query.explain == "plan":
         return pl.DataFrame({"plan": explain_text(run, bound, eng, plan).split("\n")})
     if bound.query.explain == "analyze":

@@ -1,8 +1,9 @@
 """Logical plan, optimisation passes, physical plan — and ``explain``.
 
 A bound query first becomes a *logical* plan that computes everything (all params, all
-steps, all examples, every test item) and filters afterwards. Named passes, each a
-small function ``Plan -> Plan``, then rewrite it:
+steps, all examples, every test item) and filters afterwards. The passes of :data:`RULES`,
+each a function ``(Plan, Context) -> Plan`` (sqlglot's optimizer's shape), then rewrite
+it in order; ``optimise(..., rules=...)`` runs another sequence:
 
 1. :func:`pushdown_restrictions` moves the component, step and example filters into the
    engine request (gradients only for what is selected);
@@ -20,7 +21,7 @@ The result is the *physical* plan: an engine chunk tree plus the post-processing
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from .engine import budget as engine_budget
 from .engine.kernels import CALL_BYTES, JVP_MAX_TANGENTS, Engine, Request
@@ -31,6 +32,17 @@ from .semantic import Bound
 
 FLOPS_PER_PARAM = 6  # forward + backward, per parameter and item: a rough, documented constant
 JAC_TRAFFIC = 8  # FLOP-equivalents to hold and contract one Jacobian element (measured order)
+UPDATE_FLOPS = 20  # per parameter and step: the optimizer model's update, decay and momentum terms
+GPU_CALL_FACTOR = 16  # a GPU's batched calls hold this many times CALL_BYTES: its rows are cheap
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every pass may read: the run, the engine it plans for, the query's memory budget."""
+
+    run: Run
+    engine: Engine
+    budget: int | None = None
 
 
 @dataclass(frozen=True)
@@ -52,7 +64,7 @@ class Plan:
     post_filter: dict = field(default_factory=dict)
     decisions: tuple[tuple[str, str], ...] = ()
     costs: dict = field(default_factory=dict)
-    chunks: tuple | None = None
+    chunks: engine_budget.Chunks | None = None
     budget: int = 0
     distribution: Any = None  # explaind_ql.distributed.Distribution when it runs on a cluster
 
@@ -96,10 +108,10 @@ def logical(bound: Bound, run: Run) -> Plan:
 
 # -- passes -----------------------------------------------------------------------------------
 
-def pushdown_restrictions(plan: Plan, run: Run) -> Plan:
+def pushdown_restrictions(plan: Plan, ctx: Context) -> Plan:
     """Compute only the selected params, steps and examples instead of filtering afterwards."""
     b = plan.bound
-    g = grouping(b, run, b.params)
+    g = grouping(b, ctx.run, b.params)
     req = plan.request
     keep_step = "step" in b.dims
     step_bin = tuple(req.step_bin[b.a: b.b]) if keep_step else None
@@ -112,7 +124,7 @@ def pushdown_restrictions(plan: Plan, run: Run) -> Plan:
     return plan.decide("restriction pushdown", what, request=new, grouping=g, post_filter={})
 
 
-def aggregate_tests(plan: Plan, run: Run) -> Plan:
+def aggregate_tests(plan: Plan, ctx: Context) -> Plan:
     """No test axis kept: differentiate Σ_x F_x once per node instead of once per item."""
     t = plan.request.target
     if "test" in plan.bound.dims or plan.bound.measure != "influence" or not t.keep_test:
@@ -136,16 +148,17 @@ def estimate_costs(req: Request, run: Run, engine: Engine) -> dict[str, float]:
     t_eff = len(engine.target_labels(req.target)) if req.target.keep_test else 1
     items = len(req.target.items)
     sel = sum(space.by_name[n].numel for n in req.params)
-    nodes = 3 * req.nodes if req.tolerance is not None else req.nodes
+    nodes = engine_budget.expected_nodes(req)
     rows = len(engine.target_labels(req.target))  # Jacobian rows per node
     per_item_rows = rows / items if req.target.keep_test else rows
     test_side = steps * nodes * (items * (2 + 4 * per_item_rows) * p_total + JAC_TRAFFIC * rows * sel)
     costs = {}
     if not req.data:
-        costs["delta"] = test_side + steps * 20 * p_total
+        costs["delta"] = test_side + steps * UPDATE_FLOPS * p_total
         if not req.by_element:  # each group's share of Δθ and of the decay (and carried momentum): a pass per
             k = req.n_groups * (3 if req.a > 0 else 2)  # share (forward mode) or per target (reverse), the fewer
-            costs["project"] = steps * nodes * items * (2 + 4 * min(k, per_item_rows)) * p_total + steps * 20 * p_total
+            costs["project"] = (steps * nodes * items * (2 + 4 * min(k, per_item_rows)) * p_total
+                                + steps * UPDATE_FLOPS * p_total)
         return costs
     batch = engine.max_batch
     n_ex = run.split_size("train") if req.examples is None else len(req.examples)
@@ -166,20 +179,21 @@ def cheapest(req: Request, run: Run, engine: Engine) -> tuple[str, dict[str, flo
     return min(costs, key=lambda k: (costs[k], k != "fold")), costs
 
 
-def choose_strategy(plan: Plan, run: Run, engine: Engine) -> Plan:
+def choose_strategy(plan: Plan, ctx: Context) -> Plan:
     """The cheapest strategy that computes the requested axes."""
-    best, costs = cheapest(plan.request, run, engine)
+    best, costs = cheapest(plan.request, ctx.run, ctx.engine)
     why = ", ".join(f"{k} {fmt_flops(v)}" for k, v in costs.items())
     return plan.decide("strategy choice", f"{best} ({why})", request=replace(plan.request, strategy=best),
                        costs=costs)
 
 
-def chunk_under_budget(plan: Plan, run: Run, engine: Engine, budget: int | None) -> Plan:
+def chunk_under_budget(plan: Plan, ctx: Context) -> Plan:
     """Split over fold segments, test items, examples and params until each chunk fits."""
-    limit = budget or engine_budget.default_budget(engine.device)
-    # a batched test-side call may hold 1/8 of the budget, from 1 MiB up to CALL_BYTES (16× that on a GPU,
-    # whose arithmetic per row is so fast that a call's fixed cost needs more rows to amortise)
-    cap = CALL_BYTES if engine.device.type == "cpu" else 16 * CALL_BYTES
+    engine = ctx.engine
+    limit = ctx.budget or engine_budget.default_budget(engine.device)
+    # a batched test-side call may hold 1/8 of the budget, from 1 MiB up to CALL_BYTES (GPU_CALL_FACTOR× that
+    # on a GPU, whose arithmetic per row is so fast that a call's fixed cost needs more rows to amortise)
+    cap = CALL_BYTES if engine.device.type == "cpu" else GPU_CALL_FACTOR * CALL_BYTES
     # the answer (merged result and frame) is held beside the largest chunk's working set
     out = engine_budget.answer(engine, plan.request)
     if out.bytes >= limit:
@@ -187,20 +201,12 @@ def chunk_under_budget(plan: Plan, run: Run, engine: Engine, budget: int | None)
     room = limit - out.bytes
     req = replace(plan.request, call_bytes=min(cap, max(1 << 20, room // 8)))
     tree = engine_budget.plan(engine, req, room)
-    n = _leaves(tree)
-    need = _max_leaf_bytes(tree)
+    n = len(tree.leaves())
+    need = tree.max_bytes
     fmt = engine_budget.fmt_bytes
     what = (f"{n} chunk{'s' if n != 1 else ''}, largest ≈ {fmt(need)}, answer ≈ {fmt(out.bytes)} "
             f"({out.cells:,} values), of a {fmt(limit)} budget")
     return plan.decide("chunking", what, chunks=tree, budget=limit)
-
-
-def _leaves(tree) -> int:
-    return 1 if tree[0] == "leaf" else sum(_leaves(t) for t in tree[2])
-
-
-def _max_leaf_bytes(tree) -> int:
-    return tree[2] if tree[0] == "leaf" else max(_max_leaf_bytes(t) for t in tree[2])
 
 
 def fmt_flops(f: float) -> str:
@@ -211,14 +217,18 @@ def fmt_flops(f: float) -> str:
     return f"{f:.1f} EFLOP"
 
 
-def optimise(bound: Bound, run: Run, engine: Engine, *, pushdown: bool = True) -> Plan:
-    """Logical plan → physical plan, through the passes in order."""
+Rule = Callable[[Plan, Context], Plan]
+RULES: tuple[Rule, ...] = (pushdown_restrictions, aggregate_tests, choose_strategy, chunk_under_budget)
+WITHOUT_PUSHDOWN: tuple[Rule, ...] = RULES[1:]  # computes everything, then filters: what pushdown is checked against
+
+
+def optimise(bound: Bound, run: Run, engine: Engine, *, rules: Sequence[Rule] = RULES) -> Plan:
+    """Logical plan → physical plan, through ``rules`` in order."""
+    ctx = Context(run, engine, bound.budget)
     p = logical(bound, run)
-    if pushdown:
-        p = pushdown_restrictions(p, run)
-    p = aggregate_tests(p, run)
-    p = choose_strategy(p, run, engine)
-    return chunk_under_budget(p, run, engine, bound.budget)
+    for rule in rules:
+        p = rule(p, ctx)
+    return p
 
 
 # -- explain ----------------------------------------------------------------------------------
@@ -230,7 +240,7 @@ def render(plan: Plan, run: Run, engine: Engine, analyzed: dict | None = None) -
     sel_elems = sum(space.by_name[n].numel for n in req.params)
     strategy = req.strategy or req.choose_strategy()
     flops = plan.costs.get(strategy, 0.0)
-    need = _max_leaf_bytes(plan.chunks) if plan.chunks else 0
+    need = plan.chunks.max_bytes if plan.chunks else 0
     t = req.target
     if req.tolerance is None:
         quad = f"{'midpoint' if req.rule == 'midpoint' else 'Gauss–Legendre'} {req.nodes} nodes, fixed (not adaptive)"
@@ -278,5 +288,5 @@ def _measured(a: dict, node: str) -> str:
     return f"  [{a[node]}]" if node in a else ""
 
 
-__all__ = ["Plan", "optimise", "render", "logical", "pushdown_restrictions", "aggregate_tests",
-           "choose_strategy", "chunk_under_budget"]
+__all__ = ["RULES", "WITHOUT_PUSHDOWN", "Context", "Plan", "optimise", "render", "logical", "pushdown_restrictions",
+           "aggregate_tests", "choose_strategy", "chunk_under_budget"]

@@ -12,7 +12,7 @@ no use for (`check ... from train[0]`) is refused, not ignored (`check_clauses`)
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -50,7 +50,6 @@ class Bound:
     eval_steps: tuple[int, ...] = ()
     swap_params: tuple[str, ...] = ()
     swap_step: int | None = None
-    notes: tuple[str, ...] = field(default=())
     cluster: str | None = None              # `using cluster "ADDRESS"`: a Dask scheduler
     device_pinned: bool = False             # the query names its device (else workers use their GPU)
 

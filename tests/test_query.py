@@ -9,10 +9,12 @@ import pytest
 import torch
 
 import explaind_ql as eq
+from explaind_ql.engine.budget import Leaf, Split
 from explaind_ql.errors import ExplaindError, QueryError, SemanticError
 from explaind_ql.execute import engine_for, run_query
 from explaind_ql.lang import parse
-from explaind_ql.plan import aggregate_tests, choose_strategy, chunk_under_budget, logical, pushdown_restrictions
+from explaind_ql.plan import (WITHOUT_PUSHDOWN, Context, aggregate_tests, choose_strategy, chunk_under_budget, logical,
+                              optimise, pushdown_restrictions)
 from explaind_ql.semantic import bind
 
 STEPS = 12
@@ -89,7 +91,7 @@ def test_additivity_in_frames(run):
 def test_restriction_commutes(run, query):
     """Invariant 5: the optimised plan equals the full computation filtered afterwards."""
     fast = run_query(run, query)
-    full = run_query(run, query, pushdown=False)
+    full = run_query(run, query, rules=WITHOUT_PUSHDOWN)
     keys = [c for c in fast.columns if c not in ("influence", "label")]
     fast_t = fast.filter(pl.col("term") != "momentum")
     j = full.join(fast_t, on=keys, how="full", nulls_equal=True, suffix="_fast")
@@ -101,32 +103,66 @@ def test_restriction_commutes(run, query):
         assert (j["influence"] - j["influence_fast"]).abs().max() < 1e-10
 
 
-def test_passes_change_the_plan_as_documented(run):
-    eng = engine_for(run, "cpu", torch.float64)
-    b = bind(parse("influence of layer emb on test[0..3] over steps 2:10 by example"), run)
-    p0 = logical(b, run)
+def _pass_fixture(run, text, rules):
+    """The logical plan of ``text`` run through ``rules``: the input of the pass under test."""
+    ctx = Context(run, engine_for(run, "cpu", torch.float64))
+    p = logical(bind(parse(text), run), run)
+    for rule in rules:
+        p = rule(p, ctx)
+    return p, ctx
+
+
+def test_pushdown_restrictions_pass(run):
+    p0, ctx = _pass_fixture(run, "influence of layer emb on test[0..3] over steps 2:10 by example", ())
     assert p0.request.params == tuple(run.space.names) and (p0.request.a, p0.request.b) == (0, STEPS)
     assert p0.post_filter and p0.request.target.keep_test
-    p1 = pushdown_restrictions(p0, run)
+    p1 = pushdown_restrictions(p0, ctx)
     assert p1.request.params == ("emb.weight",) and (p1.request.a, p1.request.b) == (2, 10)
     assert not p1.post_filter and p1.request.keep_examples
-    p2 = aggregate_tests(p1, run)
-    assert not p2.request.target.keep_test
-    p3 = choose_strategy(p2, run, eng)
-    assert p3.request.strategy == "fold" and set(p3.costs) == {"fold", "momentum"}
-    p4 = chunk_under_budget(p3, run, eng, 1 << 30)
-    assert p4.chunks[0] == "leaf"
-    p5 = chunk_under_budget(p3, run, eng, int(p4.chunks[2] * 0.7))
-    assert p5.chunks[0] == "split"
-    assert [d[0] for d in p4.decisions] == ["restriction pushdown", "test aggregation", "strategy choice", "chunking"]
-    # model x training queries never take per-example gradients
-    pm = choose_strategy(aggregate_tests(pushdown_restrictions(logical(bind(parse("influence on test[*] by layer"), run), run), run), run), run, eng)
+    assert p1.decisions == (("restriction pushdown", "params 8→1 tensors, steps 12→8, examples all"),)
+
+
+def test_aggregate_tests_pass(run):
+    p1, ctx = _pass_fixture(run, "influence on test[0..3] by example", (pushdown_restrictions,))
+    assert p1.request.target.keep_test
+    assert not aggregate_tests(p1, ctx).request.target.keep_test
+    kept, ctx = _pass_fixture(run, "influence on test[*] by test", (pushdown_restrictions,))
+    assert aggregate_tests(kept, ctx).request.target.keep_test
+
+
+@pytest.mark.parametrize("text,strategy,costs", [
+    ("influence of layer emb on test[0..3] over steps 2:10 by example", "fold", {"fold", "momentum"}),
     # one summed target: a reverse pass per node beats a Jacobian held and contracted
-    assert pm.request.strategy == "project" and set(pm.costs) == {"delta", "project"}
-    ps = choose_strategy(pushdown_restrictions(logical(bind(parse("influence on test[*] from train[0..3] by step"), run), run), run), run, eng)
-    assert ps.request.strategy == "momentum"
-    kept = aggregate_tests(pushdown_restrictions(logical(bind(parse("influence on test[*] by test"), run), run), run), run)
-    assert kept.request.target.keep_test
+    ("influence on test[*] by layer", "project", {"delta", "project"}),
+    ("influence on test[*] from train[0..3] by step", "momentum", {"momentum"}),
+])
+def test_choose_strategy_pass(run, text, strategy, costs):
+    p2, ctx = _pass_fixture(run, text, (pushdown_restrictions, aggregate_tests))
+    assert p2.request.strategy is None
+    p3 = choose_strategy(p2, ctx)
+    assert p3.request.strategy == strategy and set(p3.costs) == costs
+    assert p3.decisions[-1][0] == "strategy choice" and p3.decisions[-1][1].startswith(strategy)
+
+
+def test_chunk_under_budget_pass(run):
+    text = "influence of layer emb on test[0..3] over steps 2:10 by example"
+    p3, ctx = _pass_fixture(run, text, (pushdown_restrictions, aggregate_tests, choose_strategy))
+    p4 = chunk_under_budget(p3, dataclasses.replace(ctx, budget=1 << 30))
+    assert isinstance(p4.chunks, Leaf) and p4.chunks.request == p3.request
+    p5 = chunk_under_budget(p3, dataclasses.replace(ctx, budget=int(p4.chunks.bytes * 0.7)))
+    assert isinstance(p5.chunks, Split) and p5.chunks.axis == "segment"
+    assert [d[0] for d in p4.decisions] == ["restriction pushdown", "test aggregation", "strategy choice", "chunking"]
+
+
+def test_rules_override(run):
+    """optimise runs the passes it is given, in order; the default is RULES."""
+    b = bind(parse("influence of layer emb on test[0..3] by layer"), run)
+    eng = engine_for(run, "cpu", torch.float64)
+    assert [d[0] for d in optimise(b, run, eng).decisions] == [
+        "restriction pushdown", "test aggregation", "strategy choice", "chunking"]
+    only = optimise(b, run, eng, rules=(pushdown_restrictions,))
+    assert [d[0] for d in only.decisions] == ["restriction pushdown"] and only.chunks is None
+    assert [d[0] for d in optimise(b, run, eng, rules=WITHOUT_PUSHDOWN).decisions][0] == "test aggregation"
 
 
 def test_explain_and_analyze(run):

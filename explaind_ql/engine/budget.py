@@ -14,10 +14,16 @@ import psutil
 import torch
 
 from ..errors import BudgetError
-from .kernels import Request, Result
+from .kernels import GROUP_LOOP_MAX, Request, Result
 
 SAFE_FRACTION = 0.5
 OVERHEAD = 4.0  # autograd intermediates per gradient evaluation, relative to the outputs kept
+ADAPTIVE_NODES = 3  # nodes per step an adaptive rule is assumed to spend, per node of its base rule
+
+
+def expected_nodes(req: Request) -> int:
+    """Quadrature nodes per step that the estimates assume."""
+    return ADAPTIVE_NODES * req.nodes if req.tolerance is not None else req.nodes
 
 
 def default_budget(device: torch.device) -> int:
@@ -40,7 +46,7 @@ def estimate(req: Request, n_total: int, n_sel: int, n_targets: int, n_train: in
              itemsize: int) -> int:
     """Bytes the request holds at its peak."""
     T, G = n_targets, (n_sel if req.by_element else req.n_groups)
-    nodes = 3 * req.nodes if req.tolerance is not None else req.nodes
+    nodes = expected_nodes(req)
     strategy = req.choose_strategy()
     if strategy == "project":  # three vectors over the selection, (3G, T) per node: no Jacobian is held
         k = 3 * G
@@ -52,7 +58,7 @@ def estimate(req: Request, n_total: int, n_sel: int, n_targets: int, n_train: in
     if strategy not in ("delta", "project"):
         b += req.n_bins * T * e_out * G + batch * n_sel * OVERHEAD
     if strategy == "momentum":
-        b += 2 * n_ex * n_sel + T * min(batch, n_ex) * (G if G <= 64 else n_sel)
+        b += 2 * n_ex * n_sel + T * min(batch, n_ex) * (G if G <= GROUP_LOOP_MAX else n_sel)
     if strategy == "fold":
         seg = req.segment_steps or (req.b - req.a)
         b += seg * (n_total + (T + 6) * n_sel) + T * batch * G
@@ -99,6 +105,47 @@ def refuse_output(out: Output, budget: int) -> BudgetError:
     return BudgetError(f"the answer alone would hold {out.cells:,} values (about {fmt_bytes(out.bytes)} with "
                        f"its frame), over the {fmt_bytes(budget)} budget; the largest axis is {axis} "
                        f"({extent:,}): ask for {narrow[axis]}, or raise the budget with 'using budget ...'")
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One engine request that fits the budget, with the working set estimated for it."""
+
+    request: Request
+    bytes: int
+
+    def leaves(self) -> tuple[Request, ...]:
+        return (self.request,)
+
+    @property
+    def max_bytes(self) -> int:
+        return self.bytes
+
+    @property
+    def by_element(self) -> bool:
+        return self.request.by_element
+
+
+@dataclass(frozen=True)
+class Split:
+    """A request split along ``axis`` (test, example, param, segment) into parts that merge exactly."""
+
+    axis: str
+    parts: tuple[Leaf | Split, ...]
+
+    def leaves(self) -> tuple[Request, ...]:
+        return tuple(r for p in self.parts for r in p.leaves())
+
+    @property
+    def max_bytes(self) -> int:
+        return max(p.max_bytes for p in self.parts)
+
+    @property
+    def by_element(self) -> bool:
+        return self.parts[0].by_element
+
+
+Chunks = Leaf | Split
 
 
 def _halves(items: tuple) -> list[tuple]:
@@ -180,28 +227,23 @@ def answer(engine, req: Request) -> Output:
     return output(req, n_sel, n_targets, engine.run.split_size("train"), max(itemsize, 8))
 
 
-def plan(engine, req: Request, budget: int) -> tuple:
-    """Chunk tree for ``req`` under ``budget``: ('leaf', req, bytes) or ('split', axis, [subtrees])."""
+def plan(engine, req: Request, budget: int) -> Chunks:
+    """The chunk tree for ``req`` under ``budget``."""
     run = engine.run
     sel, n_sel, n_targets, itemsize = _sizes(engine, req)
     need = estimate(req, run.space.size, n_sel, n_targets, run.split_size("train"), engine.max_batch, itemsize)
     if need <= budget:
-        return ("leaf", req, need)
+        return Leaf(req, need)
     nxt = split(req, sel)
     if nxt is None:
         raise refuse(req, need, budget)
     axis, parts = nxt
-    return ("split", axis, [plan(engine, p, budget) for p in parts])
+    return Split(axis, tuple(plan(engine, p, budget) for p in parts))
 
 
-def execute(engine, tree: tuple) -> Result:
-    if tree[0] == "leaf":
-        r = engine.run_request(tree[1])
-        r.stats["estimated_bytes"] = tree[2]
+def execute(engine, tree: Chunks) -> Result:
+    if isinstance(tree, Leaf):
+        r = engine.run_request(tree.request)
+        r.stats["estimated_bytes"] = tree.bytes
         return r
-    _, axis, subs = tree
-    return merge(axis, [execute(engine, t) for t in subs], _by_element(subs[0]))
-
-
-def _by_element(tree: tuple) -> bool:
-    return tree[1].by_element if tree[0] == "leaf" else _by_element(tree[2][0])
+    return merge(tree.axis, [execute(engine, t) for t in tree.parts], tree.by_element)

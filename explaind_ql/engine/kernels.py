@@ -148,12 +148,6 @@ class Engine:
             self._split_cache[name] = (x, y.to(self.device))
         return self._split_cache[name]
 
-    def target_values(self, spec: TargetSpec, theta: torch.Tensor) -> torch.Tensor:
-        x, y = self.split(spec.split)
-        idx = torch.tensor(spec.items, device=self.device)
-        f = targets.make(spec, y[idx], self.run.loss)
-        return f(self.fn.forward(theta, x[idx]))
-
     # -- entry point -------------------------------------------------------------------------
     def run_request(self, req: Request) -> Result:
         strategy = req.choose_strategy()

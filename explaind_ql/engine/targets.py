@@ -15,9 +15,6 @@ import torch.nn.functional as F
 
 from ..losses import LossSpec
 
-KINDS = ("label", "outputs", "output", "loss", "logprob", "prob", "margin")
-
-
 @dataclass(frozen=True)
 class TargetSpec:
     """Which function of which test items; ``keep_*`` say which axes survive aggregation."""

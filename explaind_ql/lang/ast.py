@@ -22,8 +22,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
-MEASURES = ("check", "evaluate", "influence", "kernel", "similarity")
-DIMS = ("example", "step", "layer", "param", "element", "test", "output")
 # Target kinds written as `kind(split)`; 'label' is also the bare form `on test[0]`.
 TARGET_FUNCTIONS = ("label", "loss", "output", "logprob", "prob", "margin")
 
