@@ -41,7 +41,7 @@ def timed(run, text: str, client=None, chunks: int | None = None):
         plan = dist.distribute(plan, run, eng, client, None, chunks=chunks)
     frame = compute(run, bound, eng, plan)
     j = len(plan.distribution.chunks) if client is not None else 0
-    return time.perf_counter() - t0, frame, j, run.cache["last_stats"]["seconds"]
+    return time.perf_counter() - t0, frame, j, run.cache.last_stats["seconds"]
 
 
 def best(repeat: int, path, *args):

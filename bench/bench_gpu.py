@@ -90,7 +90,7 @@ def main() -> None:
         for name, req in requests(run, a, b).items():
             res = {}
             for dv, eng in engines.items():
-                run.cache.pop("phi", None)
+                run.cache.phi.clear()
                 res[dv] = timed(eng, req)
             tg = res["cuda"][0] if cuda else float("nan")
             tc = res["cpu"][0]

@@ -55,7 +55,7 @@ def child(store: str, query: str, threads: int) -> None:
     t0 = time.perf_counter()
     frame = run.query(query)
     secs = time.perf_counter() - t0
-    st = run.cache.get("last_stats", {})
+    st = run.cache.last_stats
     if "residual" in st:
         residual = st["residual"] / st["change"] if st["change"] else 0.0
     elif "relative_residual" in frame.columns:  # check reports it per item

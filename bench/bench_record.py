@@ -405,7 +405,7 @@ def run(a, N, K, T, D, bare, ckpt, dense, work, t_start, cmd, n_params, state_by
                 n += 1
             sec = time.perf_counter() - t0
             last[(str(dt), a0)] = rec.theta_next.double()
-            drift = {st: d for st, d in run_.cache.get("drift", {}).items() if a0 < st <= a0 + W}
+            drift = {st: d for st, d in run_.cache.drift.items() if a0 < st <= a0 + W}
             ds = sorted(drift.values(), key=lambda d: d.state) or [None]
             for d in ds:
                 out(f"| {str(dt).removeprefix('torch.')} | {a0}..{a0 + W} | {n} | {traj.replayed_steps - r0} | "

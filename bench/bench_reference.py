@@ -88,7 +88,7 @@ def ours(store: str, mode: str, out: str) -> None:
         pred = torch.tensor(tot["influence"].to_numpy()).reshape(n_test, -1)
     check = run.query("check on output(test[*])").sort(["test", "output"])
     actual = torch.tensor(check["actual"].to_numpy()).reshape(n_test, -1)
-    strategy = run.cache.get("last_stats", {}).get("strategy", "project")
+    strategy = run.cache.last_stats.get("strategy", "project")
     torch.save(dict(seconds=secs, peak=peak, pred=pred, actual=actual, strategy=strategy), out)
 
 
@@ -185,7 +185,7 @@ def scaling(lines: list[str], quick: bool) -> None:
                           tuple(0 for _ in names), 1, nodes=2, tolerance=None, **kw)
             eng = Engine(run)
             eng.run_request(req)  # warm
-            run.cache.pop("phi", None)
+            run.cache.phi.clear()
             t0 = time.perf_counter()
             eng.run_request(req)
             return time.perf_counter() - t0

@@ -245,7 +245,7 @@ class _Target:
     def echo_residual(self) -> None:
         """Under a result: the replication residual it achieved (stderr, so piped tables stay clean)."""
         from .results import residual_line
-        line = None if self.runs is not None else residual_line(self.run.cache.pop("last_stats", {}))
+        line = None if self.runs is not None else residual_line(self.run.cache.take_stats())
         if line:
             click.echo(line, err=True)
 

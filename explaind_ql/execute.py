@@ -30,7 +30,7 @@ from .semantic import Bound, bind
 
 def engine_for(run: Run, device: str, dtype: torch.dtype) -> Engine:
     """One engine per (device, dtype) per open run, so caches are shared across queries."""
-    engines = run.cache.setdefault("engines", {})
+    engines = run.cache.engines
     key = (device, dtype)
     if key not in engines:
         engines[key] = Engine(run, device, dtype)
@@ -73,7 +73,7 @@ def compute(run: Run, bound: Bound, eng: Engine, plan: Plan | None) -> pl.DataFr
             result = distributed.execute(run, plan)
         else:
             result = engine_budget.execute(eng, plan.chunks)
-        run.cache["last_stats"] = result.stats
+        run.cache.last_stats = result.stats
         return influence_frame(result, plan, run)
     return {"check": check_frame, "similarity": similarity_frame, "evaluate": evaluate_frame}[bound.measure](
         run, bound, eng)
@@ -98,7 +98,7 @@ def analyze(run: Run, bound: Bound, eng: Engine, plan: Plan | None) -> str:
            else max(0, psutil.Process().memory_info().rss - rss0))
     if plan is None:
         return explain_text(run, bound, eng, plan) + f"\nanalyzed: {total:.3f} s, {frame.height} rows"
-    st = run.cache.get("last_stats", {})
+    st = run.cache.last_stats
     fmt = engine_budget.fmt_bytes
     test_s, traj_s = st.get("test_seconds", 0.0), st.get("trajectory_seconds", 0.0)
     measured = {
@@ -136,7 +136,7 @@ def check_frame(run: Run, bound: Bound, eng: Engine) -> pl.DataFrame:
     explained = r.total().cpu()
     actual = r.actual.cpu()
     upd = update_errors(eng, bound.a, bound.b)
-    drift = [d.rel_error for s, d in run.cache.get("drift", {}).items() if bound.a < s <= bound.b]
+    drift = [d.rel_error for s, d in run.cache.drift.items() if bound.a < s <= bound.b]
     scale = float(actual.abs().max()) or 1.0
     return pl.DataFrame({
         "test": [t for t, _ in r.target_labels],

@@ -113,7 +113,7 @@ class Repl:
         elapsed = time.perf_counter() - start
         self.last = frame
         out = frame_text(frame, self.fmt).rstrip("\n")
-        line = residual_line(self.run.cache.pop("last_stats", {}))
+        line = residual_line(self.run.cache.take_stats())
         if line and self.fmt == "table":  # csv and json stay machine-readable
             out += f"\n{line}"
         if self.timer:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cache import RunCache
 from .errors import RecordingError, StoreError
 from .factory import build
 from .losses import LossSpec
@@ -66,7 +67,7 @@ class Run:
         self.dense = self.checkpoint_every is None
         self.closed = bool(a.get("closed"))
         self._steps_cache: dict[str, np.ndarray] = {}
-        self.cache: dict = {}
+        self.cache = RunCache()
 
     def _check_layout(self, splits: list[str]) -> None:
         """The arrays the metadata promises exist with the shapes and dtype it implies."""

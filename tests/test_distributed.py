@@ -70,7 +70,7 @@ def local_and_remote(path, text: str, scheduler, **kw) -> tuple[pl.DataFrame, pl
     want = eq.open(path).query(text, **kw)
     run = eq.open(path)
     got = run.query(text, scheduler=scheduler, **kw)
-    return want, got, run.cache["last_stats"]
+    return want, got, run.cache.last_stats
 
 
 # ------------------------------------------------------------------------------ planning

@@ -214,7 +214,7 @@ def test_checkpointed_replay_matches_dense(toy_run):
     rc = e.run_request(request(ckpt, keep_examples=True))
     assert rel(rc.gradient, rd.gradient) <= 1e-10
     assert e.traj.replayed_steps > 0
-    assert max(d.rel_error for d in ckpt.cache["drift"].values()) <= 1e-10
+    assert max(d.rel_error for d in ckpt.cache.drift.values()) <= 1e-10
 
 
 def test_budget_chunks_exactly_and_refuses(toy_run):
@@ -281,7 +281,7 @@ def test_a_fixed_rule_reports_its_error_as_not_adaptive(toy_run):
     from explaind_ql.results import residual_line
     run = eq.open(toy_run("transformer", "adamw", act="relu", steps=STEPS))
     frame = run.query("influence on test[*] by layer using quadrature 2")
-    st = run.cache["last_stats"]
+    st = run.cache.last_stats
     actual = float(run.query("check on test[*]")["actual"].sum())
     assert st["residual"] == pytest.approx(abs(actual - frame["influence"].sum()), rel=1e-6)
     assert st["residual"] > 1e-6 * st["change"]  # two nodes do not resolve the kinks: the error is visible

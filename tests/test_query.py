@@ -276,7 +276,7 @@ def test_repeated_queries_reuse_cached_features(run):
     q = "influence of layer unembed on test[0..2] by step using quadrature 4"
     run.query(q)
     run.query("explain analyze " + q)
-    assert run.cache["last_stats"].get("phi_cache_hits", 0) == STEPS
+    assert run.cache.last_stats.get("phi_cache_hits", 0) == STEPS
 
 
 def test_compare_two_runs(toy_run):
@@ -296,7 +296,7 @@ def test_compare_takes_open_runs_and_keeps_their_caches(toy_run):
     assert df["run"].unique(maintain_order=True).to_list() == names
     assert df.filter(pl.col("run") == names[1]).drop("run").equals(eq.query(b.path, q))
     again = eq.compare({"x": a, "y": b}, q)
-    assert a.cache["last_stats"].get("phi_cache_hits", 0) > 0  # the second comparison reused the first's work
+    assert a.cache.last_stats.get("phi_cache_hits", 0) > 0  # the second comparison reused the first's work
     assert again.drop("run").equals(df.drop("run"))
 
 
@@ -313,3 +313,15 @@ def test_plan_dataclasses_are_frozen(run):
     b = bind(parse("influence on test[0]"), run)
     with pytest.raises(dataclasses.FrozenInstanceError):
         b.a = 3  # type: ignore[misc]
+
+
+def test_the_run_cache_is_typed_and_scoped_to_the_run(run):
+    from explaind_ql.cache import RunCache
+    run.query("influence on test[0] by step using quadrature 2")
+    cache = run.cache
+    assert isinstance(cache, RunCache) and cache.engines and len(cache.phi) > 0 and cache.phi.bytes > 0
+    stats = cache.take_stats()
+    assert "residual" in stats and cache.take_stats() == {}  # a shell prints a residual line once
+    cache.clear()
+    assert not cache.engines and len(cache.phi) == 0 and cache.phi.bytes == 0 and not cache.drift
+    assert eq.open(run.path).cache is not cache

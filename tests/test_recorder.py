@@ -172,7 +172,7 @@ def test_checkpointed_store_and_replay_equal_dense(tmp_path):
         assert torch.allclose(rc.theta, rd.theta, rtol=0, atol=1e-14)
         assert torch.allclose(rc.state_before.momentum, rd.state_before.momentum, rtol=0, atol=1e-14)
     assert e_c.traj.replayed_steps > 0
-    drift = ckpt.cache["drift"]
+    drift = ckpt.cache.drift
     assert set(drift) == {3, 6, 9, 10} and max(d.rel_error for d in drift.values()) < 1e-12
 
 
@@ -424,7 +424,7 @@ def test_float32_replay_is_bit_exact(toy_run, optimizer):
     run = eq.open(toy_run("transformer", optimizer, dtype=torch.float32, steps=23, checkpoint_every=5))
     traj = Trajectory(run, torch.device("cpu"), torch.float32)
     assert len(list(traj.walk(0, 23))) == 23 and traj.replayed_steps > 0
-    drift = run.cache["drift"]
+    drift = run.cache.drift
     assert set(drift) == {5, 10, 15, 20, 23}
     assert all(d.abs_error == 0.0 for d in drift.values())
 

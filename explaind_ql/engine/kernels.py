@@ -38,12 +38,11 @@ from ..run import Run
 from . import quadrature, targets
 from .model_fn import ModelFn, Path
 from .targets import TargetSpec
-from .trajectory import StepRecord, TensorCache, Trajectory
+from .trajectory import StepRecord, Trajectory
 
 STRATEGIES = ("delta", "project", "fold", "momentum")
 ROWS_PER_CALL = 32  # by then a batched call's fixed cost (ms of dispatch) is mostly amortised; more rows cost memory
 JVP_MAX_TANGENTS = 16
-PHI_CACHE_BYTES = 256 << 20
 # what one batched test-side call (Jacobians or derivatives at nodes) may hold at most: its fixed
 # cost (ms of dispatch) is amortised once rows are many or large, so more would buy memory, not speed
 CALL_BYTES = 4 << 20
@@ -326,7 +325,7 @@ class _Context:
         """A test-side tensor of one step, cached per open run (queries in a session share them)."""
         key = key + (self.req.target, self.req.params, self.req.nodes, self.req.tolerance, self.req.rule,
                      str(self.eng.device), self.eng.dtype)
-        cache = self.eng.run.cache.setdefault("phi", TensorCache(PHI_CACHE_BYTES))
+        cache = self.eng.run.cache.phi
         if key in cache:
             self.stats["phi_cache_hits"] = self.stats.get("phi_cache_hits", 0) + 1
             return cache[key]

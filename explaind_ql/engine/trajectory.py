@@ -9,7 +9,6 @@ Replayed segments are cached per open run.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -19,34 +18,7 @@ from ..optim import LinearStep, OptState, linear_step
 from ..run import Run, StepMeta
 from .replay import TorchReplay
 
-REPLAY_CACHE_BYTES = 512 << 20
 READ_BYTES = 1 << 20  # stored states read per zarr call (at least one)
-
-
-class TensorCache(OrderedDict):
-    """What an open run reuses across queries (tensors, or states), least recently used out first."""
-
-    def __init__(self, max_bytes: int):
-        super().__init__()
-        self.max_bytes, self.bytes = max_bytes, 0
-
-    @staticmethod
-    def _size(v) -> int:
-        if isinstance(v, torch.Tensor):
-            return v.numel() * v.element_size()
-        theta, state = v
-        return theta.numel() * theta.element_size() * (1 + len(state.bufs))
-
-    def __getitem__(self, key):
-        self.move_to_end(key)
-        return super().__getitem__(key)
-
-    def __setitem__(self, key, value) -> None:
-        super().__setitem__(key, value)
-        self.bytes += self._size(value)
-        while self.bytes > self.max_bytes and len(self) > 1:
-            _, old = self.popitem(last=False)
-            self.bytes -= self._size(old)
 
 
 @dataclass
@@ -79,7 +51,7 @@ class Trajectory:
         self.run, self.device, self.dtype = run, device, dtype
         self.gidx = run.space.group_index.to(device)
         self._replayer: TorchReplay | None = None
-        self.drift: dict[int, Drift] = run.cache.setdefault("drift", {})
+        self.drift: dict[int, Drift] = run.cache.drift
         self.replayed_steps = 0
         self._block: tuple[int, list] = (0, [])  # stored states read ahead: (first position, states)
 
@@ -106,7 +78,7 @@ class Trajectory:
         s = int(run.ckpt_states[pos])
         theta, state = self._stored(pos)
         seg_start = theta
-        cache = run.cache.setdefault("replay", TensorCache(REPLAY_CACHE_BYTES))
+        cache = run.cache.replay
         while s < b:
             meta = run.step_meta(s)
             nxt = pos + 1

@@ -1,0 +1,68 @@
+"""What an open run keeps between queries: one typed field per cache, each with one owner.
+
+A session's queries share test-side features, replayed states and engines. Keeping them on
+the open run, and not in module globals, scopes them to it and drops them with it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+PHI_CACHE_BYTES = 256 << 20
+REPLAY_CACHE_BYTES = 512 << 20
+
+
+class TensorCache(OrderedDict):
+    """Tensors (or stored states) reused across queries, least recently used out first."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__()
+        self.max_bytes, self.bytes = max_bytes, 0
+
+    @staticmethod
+    def _size(v) -> int:
+        if isinstance(v, torch.Tensor):
+            return v.numel() * v.element_size()
+        theta, state = v
+        return theta.numel() * theta.element_size() * (1 + len(state.bufs))
+
+    def __getitem__(self, key):
+        self.move_to_end(key)
+        return super().__getitem__(key)
+
+    def clear(self) -> None:
+        super().clear()
+        self.bytes = 0
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self.bytes += self._size(value)
+        while self.bytes > self.max_bytes and len(self) > 1:
+            _, old = self.popitem(last=False)
+            self.bytes -= self._size(old)
+
+
+@dataclass
+class RunCache:
+    """The caches of one open run."""
+
+    engines: dict[tuple[str, torch.dtype], Any] = field(default_factory=dict)  # execute.engine_for
+    phi: TensorCache = field(default_factory=lambda: TensorCache(PHI_CACHE_BYTES))  # test-side features
+    replay: TensorCache = field(default_factory=lambda: TensorCache(REPLAY_CACHE_BYTES))  # replayed states
+    drift: dict[int, Any] = field(default_factory=dict)  # replay drift at each stored state reached
+    last_stats: dict = field(default_factory=dict)  # the last influence result's stats
+
+    def clear(self) -> None:
+        """Forget everything: the next query starts cold."""
+        fresh = RunCache()
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(fresh, name))
+
+    def take_stats(self) -> dict:
+        """The last result's stats, once: a shell prints its residual line under that result only."""
+        stats, self.last_stats = self.last_stats, {}
+        return stats
