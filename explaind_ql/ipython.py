@@ -71,7 +71,7 @@ def _open(ipython, ref: str):
 
 def _run_queries(ipython, run_ref: str, text: str):
     from IPython.core.error import UsageError
-    from .cli import script_queries
+    from .lang.script import script_queries
     from .errors import ExplaindError
     params = {name: ipython.user_ns[name] for name in _VAR.findall(text)
               if isinstance(ipython.user_ns.get(name), (int, float, str))}

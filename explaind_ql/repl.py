@@ -22,11 +22,13 @@ import sys
 import time
 from typing import Any
 
+from .formats import TEXT_FORMATS, format_from_path, frame_text, info_renderable, render_table, write_frame
+from .lang.script import script_queries
+
 HISTORY_ENV = "EXPLAIND_QL_HISTORY"
 DEFAULT_HISTORY = "~/.explaind_ql_history"
 PROMPT = "eql> "
 COMMANDS = (".help", ".info", ".layers", ".timer", ".format", ".explain", ".save", ".run", ".quit")
-FORMATS = ("table", "csv", "json", "ndjson")
 # `using` option names and the values worth offering (the parser validates them).
 OPTIONS = ("budget", "cluster", "device", "dtype", "nodes", "quadrature", "tolerance")
 OPTION_VALUES = {"device": ("cpu", "cuda"), "dtype": ("float32", "float64")}
@@ -93,7 +95,6 @@ class Repl:
 
     def execute(self, text: str) -> str:
         """Run the `;`-separated queries in `text`; stop at the first error."""
-        from .cli import script_queries
         outputs: list[str] = []
         try:
             for _, query, _ in script_queries(text, self.params):
@@ -106,7 +107,6 @@ class Repl:
         return "\n\n".join(outputs)
 
     def _query(self, text: str) -> str:
-        from .cli import frame_text
         from .results import residual_line
         start = time.perf_counter()
         frame = self.run.query(text, scheduler=self.scheduler, **self.params)
@@ -145,14 +145,12 @@ class Repl:
 
     def _info(self) -> str:
         from rich.console import Console
-        from .cli import info_renderable
         buffer = io.StringIO()
         Console(file=buffer, width=shutil.get_terminal_size().columns).print(info_renderable(self.run.info()))
         return buffer.getvalue().rstrip()
 
     def _layers(self) -> str:
         import polars as pl
-        from .cli import render_table
         layers = self.run.layers()
         space = self.run.space
         params = pl.DataFrame({"param": space.names,
@@ -168,8 +166,8 @@ class Repl:
         return f"timer {arg}"
 
     def _format(self, arg: str) -> str:
-        if arg not in FORMATS:
-            return f"usage: .format {'|'.join(FORMATS)}"
+        if arg not in TEXT_FORMATS:
+            return f"usage: .format {'|'.join(TEXT_FORMATS)}"
         self.fmt = arg
         return f"format {arg}"
 
@@ -179,7 +177,6 @@ class Repl:
         return self.run.explain(arg, scheduler=self.scheduler, **self.params)
 
     def _save(self, arg: str) -> str:
-        from .cli import format_from_path, write_frame
         if not arg:
             return "usage: .save FILE"
         if self.last is None:
@@ -188,7 +185,6 @@ class Repl:
         return f"saved {self.last.height} rows to {arg}"
 
     def _run_script(self, arg: str) -> str:
-        from .cli import frame_text, script_queries
         if not arg:
             return "usage: .run FILE.eql"
         with open(arg, encoding="utf-8") as f:
@@ -218,7 +214,7 @@ class Repl:
             if not sep:
                 return name, [c for c in COMMANDS if c.startswith(name)]
             rest = rest.lstrip()
-            choices = {".format": FORMATS, ".timer": ("on", "off")}.get(name)
+            choices = {".format": TEXT_FORMATS, ".timer": ("on", "off")}.get(name)
             if choices is not None:
                 return rest, [c for c in choices if c.startswith(rest)]
             if name == ".explain":

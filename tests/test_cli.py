@@ -22,7 +22,8 @@ import pytest
 from click.testing import CliRunner
 
 import explaind_ql as eq
-from explaind_ql.cli import main, render_table, typed_value, with_options
+from explaind_ql.cli import main, typed_value, with_options
+from explaind_ql.formats import render_table
 from explaind_ql.lang import parse
 
 QUERY = "influence on test[0..1] by layer"
