@@ -45,6 +45,10 @@ def derive_factory(model: torch.nn.Module) -> str:
     return ref
 
 
+def param_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
 def check_factory(ref: str, kwargs: dict[str, Any], model: torch.nn.Module) -> None:
     """Build the model once from the factory and check it has the same parameters."""
     try:
@@ -58,8 +62,8 @@ def check_factory(ref: str, kwargs: dict[str, Any], model: torch.nn.Module) -> N
     except Exception as exc:  # the user's factory may raise anything; report it in one line
         raise RecordingError(f"factory {ref!r} failed with {type(exc).__name__}: {exc}; "
                              "pass factory_kwargs that rebuild the model") from None
-    want = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    got = {n: tuple(p.shape) for n, p in built.named_parameters()} if isinstance(built, torch.nn.Module) else None
+    want = param_shapes(model)
+    got = param_shapes(built) if isinstance(built, torch.nn.Module) else None
     if got != want:
         raise RecordingError(f"factory {ref!r} builds a model whose parameters differ from the "
                              "recorded model's; pass the factory_kwargs that rebuild it")

@@ -19,7 +19,7 @@ import torch
 
 from .cache import RunCache
 from .errors import RecordingError, StoreError
-from .factory import build
+from .factory import build, param_shapes
 from .losses import LossSpec
 from .optim import OptimizerSpec, OptState
 from .params import ParamSpace
@@ -84,7 +84,7 @@ class Run:
             raise StoreError(f"{self.path} has no train split in its metadata; re-record the run")
         for var in ["theta", *(f"opt_{b}" for b in self.spec.buffers)]:
             shape, dtype = st.shape(var), st.dtype(var)
-            if len(shape) != 2 or shape[1] != self.space.size or dtype != np.dtype(str(self.dtype).removeprefix("torch.")):
+            if len(shape) != 2 or shape[1] != self.space.size or dtype != np.dtype(self.attrs["dtype"]):
                 raise StoreError(f"{self.path} is damaged: '{var}' is {dtype}{list(shape)} but the metadata "
                                  f"describes {self.space.size} {self.attrs['dtype']} elements per state; "
                                  "re-record the run")
@@ -211,7 +211,7 @@ class Run:
     def build_model(self) -> torch.nn.Module:
         """The model rebuilt from the recorded factory, if trusted (its weights are replaced per call)."""
         model = build(str(self.attrs.get("factory")), self.attrs.get("factory_kwargs") or {}, self.trust)
-        got = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        got = param_shapes(model)
         for info in self.space.params:
             if got.get(info.name) != tuple(info.shape):
                 raise StoreError(f"{self.path}: the rebuilt model's param '{info.name}' is "

@@ -38,6 +38,7 @@ import socket
 import uuid
 import weakref
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,6 @@ STATE_CHUNK_BYTES = 256 << 10  # stored states per chunk: reading one decodes it
 SAMPLE_CHUNK_MAX = 1 << 20
 
 
-APPEND_DIMS = ("ckpt", "step", "sample")
 CODECS = {"compressors": (ZstdCodec(), Crc32cCodec())}
 _live_locks: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # token -> writer
 
@@ -94,10 +94,11 @@ class WriterLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 held = self._holder()
-                if held is not None and not _lock_is_stale(held) and held.get("pid") == os.getpid():
-                    raise StoreError(f"{path} is locked: a Recorder in this process still records there; "
-                                     "call its close() (or use it in a with block) before recording again") from None
                 if held is not None and not _lock_is_stale(held):
+                    if held.get("pid") == os.getpid():
+                        raise StoreError(f"{path} is locked: a Recorder in this process still records there; "
+                                         "call its close() (or use it in a with block) before recording "
+                                         "again") from None
                     raise StoreError(
                         f"{path} is being recorded by another writer (pid {held.get('pid')} on "
                         f"{held.get('host')}); wait for it to close, or delete {self.path} if no "
@@ -345,8 +346,9 @@ class StoreReader:
             return self.n_samples
         return arr.shape[0] if arr.ndim else 1
 
-    @property
+    @cached_property
     def n_samples(self) -> int:
+        """Samples of the committed steps' batches (read once: the commit does not move)."""
         if not self.n_steps:
             return 0
         start = self.read("batch_start", slice(self.n_steps - 1, self.n_steps))
@@ -359,8 +361,7 @@ class StoreReader:
         arr = self.array(name)
         if arr.ndim == 0:
             return [] if (self.path / name / "c").exists() else ["c"]
-        n = self.committed_rows(name)
-        rows = np.arange(n) if rows is None else np.asarray(rows)
+        rows = np.arange(self.committed_rows(name)) if rows is None else np.asarray(rows)
         c0 = arr.chunks[0]
         grids = [np.unique(rows // c0)] + [np.arange(-(-s // c)) for s, c in zip(arr.shape[1:], arr.chunks[1:])]
         missing = []
