@@ -218,17 +218,33 @@ class Lanes:
 
     ``x``/``y`` hold each lane's items, (L, items per lane, ...); ``target`` maps a lane's model
     output and labels to its flat target vector; ``summed``: the lanes' results add up to the
-    request's targets (items integrated apart, aggregated afterwards).
+    request's targets (items integrated apart, aggregated afterwards). ``live`` (L, U) says which
+    of a lane's ReLU inputs reach its targets, ``segments`` how many of them each ReLU call has.
     """
 
     x: torch.Tensor
     y: torch.Tensor
     target: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     summed: bool = False
+    live: torch.Tensor | None = None
+    segments: tuple[int, ...] = ()
 
     @property
     def count(self) -> int:
         return len(self.x)
+
+    def targets_per_lane(self, T: int) -> int:
+        return T if self.summed else T // self.count
+
+    def subset(self, keep: torch.Tensor) -> Lanes:
+        """The one-item lanes of ``keep`` (a mask over them), still summed."""
+        return dataclasses.replace(self, x=self.x[keep], y=self.y[keep],
+                                   live=None if self.live is None else self.live[keep])
+
+    def joined(self, keep: torch.Tensor, target: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Lanes:
+        """One lane of the one-item lanes of ``keep``, integrated as one summed target by the plain rule
+        (their steps have no kinks)."""
+        return Lanes(self.x[keep][None, :, 0], self.y[keep][None, :, 0], target)
 
 
 def _rss() -> int:
@@ -252,20 +268,23 @@ class _Context:
         self.x_items = x[items]
         self.target_fn = targets.make(req.target, y[items], eng.run.loss)
         # quadrature lanes: each test item on its own when items are kept, or when the model has ReLU
-        # kinks (each item's kinks are then corrected for, and cut at, on its own steps only; aggregated
-        # targets are summed afterwards); else one lane of all items, which takes one gradient of the
-        # summed target per node
+        # kinks (aggregated targets are then summed afterwards, and each step joins the items without
+        # kinks into one lane again: _lane_sets); else one lane of all items, which takes one gradient
+        # of the summed target per node
         self.kinked = bool(eng.kink_segments)
         per_item = len(req.target.items) > 1 and (req.target.keep_test or self.kinked)
         spec = dataclasses.replace(req.target, keep_test=True) if per_item else req.target
         loss = eng.run.loss
-        self.lanes = Lanes(x[items][:, None] if per_item else x[items][None],
-                           y[items][:, None] if per_item else y[items][None],
-                           lambda out, yl: targets.make(spec, yl, loss)(out),
-                           summed=per_item and not req.target.keep_test)
+        lanes = Lanes(x[items][:, None] if per_item else x[items][None],
+                      y[items][:, None] if per_item else y[items][None],
+                      lambda out, yl: targets.make(spec, yl, loss)(out),
+                      summed=per_item and not req.target.keep_test, segments=eng.kink_segments)
         # which ReLU inputs reach the targets at all: the adaptive rule cuts only at those
-        self.live = (eng.fn.live_sites(eng.theta0, self.lanes.target, self.lanes.x, self.lanes.y)
-                     if self.kinked and req.tolerance is not None else None)
+        live = (eng.fn.live_sites(eng.theta0, lanes.target, lanes.x, lanes.y)
+                if self.kinked and req.tolerance is not None else None)
+        self.lanes = dataclasses.replace(lanes, live=live)
+        self.joint_target = lambda out, yl: targets.make(req.target, yl, loss)(out)
+        self.joinable = live is not None and lanes.summed and self._joinable()
         self.labels = eng.target_labels(req.target)
         self.T = len(self.labels)
         self.col, self.chosen = example_columns(eng.run.split_size("train"), req, dev)
@@ -336,15 +355,61 @@ class _Context:
         cache[key] = out
         return out
 
-    def _integrate(self, rec: StepRecord, path: Path, at_rows, along, spread, error, row_bytes: float,
-                   cat_dim: int) -> torch.Tensor:
-        """Quadrature along the step of ``at_rows(ts, x, y, jumps=None)``: one row per (node t, lane)."""
-        fn, lanes = self.eng.fn, self.lanes
+    def _joinable(self) -> bool:
+        """Whether a batch of items runs every ReLU call on their inputs item by item (batch-major),
+        so that one forward pass over all items tells which items' units cross zero."""
+        x = self.lanes.x[:2, 0]
+        return self.eng.fn.kink_segments(self.eng.theta0, x) == tuple(2 * s for s in self.lanes.segments)
+
+    def _lane_sets(self, path: Path) -> list[tuple[Lanes, float]]:
+        """This step's lanes, each with its share of the error budget.
+
+        An item none of whose live ReLU inputs changes sign over the step has a smooth integrand
+        there. Such items join one lane again, integrated by the plain rule: one gradient of their
+        summed target per node instead of a kink-corrected row per item. The others keep their own
+        lanes, where their kinks are corrected for and cut at.
+        """
+        lanes = self.lanes
+        if not self.joinable or lanes.count < 2:
+            return [(lanes, 1.0)]
+        x = lanes.x[None, :, 0].expand(2, *lanes.x[:, 0].shape)
+        z, d = path.slopes(torch.tensor([0.0, 1.0], dtype=self.eng.dtype, device=self.eng.device), x)
+        crossing = quadrature.locate_kinks(z[0], z[1], d[0], d[1]).sign != 0  # each call's inputs, item-major
+        calls = [c.view(lanes.count, -1) for c in crossing.split(tuple(lanes.count * s for s in lanes.segments))]
+        live = lanes.live.split(lanes.segments, 1)
+        kinked = sum((c & v).any(1) for c, v in zip(calls, live)) > 0
+        if lanes.count - int(kinked.sum()) < 2:
+            return [(lanes, 1.0)]
+        share = 1 - float(kinked.float().mean())
+        smooth = lanes.joined(~kinked, self.joint_target)
+        return [(smooth, share)] + ([(lanes.subset(kinked), 1 - share)] if bool(kinked.any()) else [])
+
+    def _integrate(self, rec: StepRecord, path: Path, at_rows, along, spread, error, row_bytes, cat_dim: int,
+                   finish=None) -> torch.Tensor:
+        """Quadrature along the step of ``at_rows(target, ts, x, y, jumps=None)``: one row per (node t, lane).
+
+        ``row_bytes(lanes)`` is what one derivative row of those lanes holds. With ``finish(lanes, rows)``
+        each lane set's result is what it makes of the rows of the rule found (lanes summed already).
+        """
+        out = 0
+        for lanes, share in self._lane_sets(path):
+            part = self._integrate_lanes(rec, lanes, path, partial(at_rows, lanes.target), along, spread, error,
+                                         row_bytes(lanes), cat_dim, None if self.budget is None else self.budget * share,
+                                         finish is not None)
+            if finish is not None:
+                out = out + finish(lanes, part[1])
+            else:
+                out = out + (part.unflatten(cat_dim, (lanes.count, -1)).sum(cat_dim) if lanes.summed else part)
+        return out  # Σ_x ∫∇F_x
+
+    def _integrate_lanes(self, rec: StepRecord, lanes: Lanes, path: Path, at_rows, along, spread, error,
+                         row_bytes: float, cat_dim: int, budget: torch.Tensor | None, keep_rows: bool = False):
+        fn = self.eng.fn
         # bounded memory per call: derivative rows as estimated (twice that with the kink jumps'
         # forward-mode pass), forward-only rows 2.5 of the largest activations each at their live peak
         # (torch.profiler), 4 allowed
         per_call = max(1, min(ROWS_PER_CALL, int(self.req.call_bytes // max(1.0, row_bytes))))
-        per_forward = max(1, int(self.req.call_bytes // (4 * fn.itemsize * max(1, self._activations()[1]))))
+        per_forward = max(1, int(self.req.call_bytes // (4 * fn.itemsize * max(1, self._activations(lanes)[1]))))
 
         def rows(per: int, f, ts: torch.Tensor, ln: torch.Tensor, *extra: torch.Tensor):
             parts = zip(ts.split(per), ln.split(per), *(e.split(per) for e in extra))
@@ -354,14 +419,14 @@ class _Context:
         # the exact change F(θ + tΔθ): the integrands of a restricted selection carry the other params'
         # part (:meth:`_rest`), so every selection is held to it, as the whole model is
         f_at = partial(rows, per_forward, lambda t, x, y: path.values(lanes.target, t, x, y))
-        slopes = partial(rows, per_forward, lambda t, x, y: path.slopes(t, x)) if self.kinked else None
+        kinked = self.kinked and bool(lanes.segments)
+        slopes = partial(rows, per_forward, lambda t, x, y: path.slopes(t, x)) if kinked else None
         jumped = (partial(rows, max(1, per_call // 2), lambda t, x, y, *jumps: at_rows(t, x, y, jumps))
-                  if self.kinked else None)
+                  if kinked else None)
         integrand = quadrature.Integrand(partial(rows, per_call, at_rows), along, error, lanes.count, cat_dim,
-                                         f_at, slopes, spread, jumped, self.eng.kink_segments, self.live)
-        out = quadrature.integrate(integrand, self.req.nodes, self.budget, rec.s, self.qstats, self.eng.dtype,
-                                   self.eng.device, self.req.rule, pooled=lanes.summed)
-        return out.unflatten(cat_dim, (lanes.count, -1)).sum(cat_dim) if lanes.summed else out  # Σ_x ∫∇F_x
+                                         f_at, slopes, spread, jumped, lanes.segments, lanes.live)
+        return quadrature.integrate(integrand, self.req.nodes, budget, rec.s, self.qstats, self.eng.dtype,
+                                    self.eng.device, self.req.rule, pooled=lanes.summed, rows=keep_rows)
 
     def _rest(self) -> bool:
         """Whether the test-side integrands carry the unselected params' part of the step.
@@ -377,31 +442,49 @@ class _Context:
         return not self.all_params and self.budget is not None
 
     def phi(self, rec: StepRecord) -> torch.Tensor:
-        """(T, P_sel) path-integrated target gradient."""
-        idx, fn, d = self.idx, self.eng.fn, rec.delta[self.idx]
+        """(T, P_sel) path-integrated target gradient.
+
+        The rule (nodes, spans, kink corrections) is chosen on each selected param's φ·Δθ, a scalar
+        per target and param that a row gets from one reverse pass of its few targets. φ is then that
+        rule's weighted sum of gradients, each lane set's rows in one backward pass with shared weights
+        (:meth:`Path.gradient`): a gradient of a batch, where a Jacobian per row would take every
+        row's weight gradients apart. The rule is held to the same exact-change check.
+        """
         rest = None
         if self._rest():  # the other params' Δθ: their part is one more column, ∇F · Δθ_rest
             rest = rec.delta.clone()
-            rest[idx] = 0
-        d_all = d if rest is None else torch.cat([d, d.new_ones(1)])  # what each column is contracted with
-
-        def at_rows(ts: torch.Tensor, x: torch.Tensor, y: torch.Tensor, jumps=None) -> torch.Tensor:
-            pts = rec.theta[None] + ts[:, None] * rec.delta[None]
-            return fn.lane_jacobian(self.sel, self.lanes.target, pts[:, idx], pts, x, y, jumps, rest)
+            rest[self.idx] = 0
+        n = len(self.req.params)  # each param a group: its φ·Δθ
 
         def error(c: torch.Tensor, f: torch.Tensor) -> torch.Tensor:  # of the selection's part, and of the whole
-            sel = quadrature.beyond_rounding((f - c)[..., :len(d)] @ d, f[..., :len(d)].abs() @ d.abs())
+            sel = quadrature.beyond_rounding((f - c)[:n].sum(0), f[:n].abs().sum(0))
             return sel if rest is None else torch.maximum(
-                sel, quadrature.beyond_rounding((f - c) @ d_all, f.abs() @ d_all.abs()))
+                sel, quadrature.beyond_rounding((f - c).sum(0), f.abs().sum(0)))
+
+        def gradient(path: Path, lanes: Lanes, rows: quadrature.Rows) -> torch.Tensor:
+            return self._gradient(path, lanes, rows, rest)
 
         def integrate() -> torch.Tensor:
-            out = self._integrate(rec, fn.path(rec.theta, rec.delta), at_rows, lambda est: est @ d_all,
-                                  lambda est: est.abs() @ d_all.abs(), error, row_bytes, 0)
+            out = self._path_integral(rec, rec.delta[self.idx][None], tuple(range(n)), n, error, gradient)
             return out if rest is None else out[:, :-1].contiguous()
-
-        c = self._targets_per_lane()  # a reverse pass each
-        row_bytes = fn.itemsize * c * (4 * max(1, self.sel.size) + 3 * self._activations()[0])
         return self._cached(("phi", rec.s), integrate)
+
+    def _gradient(self, path: Path, lanes: Lanes, rows: quadrature.Rows, rest: torch.Tensor | None) -> torch.Tensor:
+        """(T, P_sel[+1]) the lanes' share of φ from their rule's rows: lanes summed into their targets,
+        or kept lane after lane; rows in calls bounded by the request's call bytes."""
+        fn = self.eng.fn
+        row_bytes = fn.itemsize * (3 * lanes.targets_per_lane(self.T) + 1) * self._activations(lanes)[0]
+        per = max(1, int(self.req.call_bytes // max(1.0, row_bytes)))
+        jumps = rows.jumps or ()
+
+        def of(pick: torch.Tensor) -> torch.Tensor:
+            return sum(path.gradient(self.sel, lanes.target, rows.ts[k], rows.weights[k], lanes.x[rows.lanes[k]],
+                                     lanes.y[rows.lanes[k]], tuple(j[k] for j in jumps) or None, rest)
+                       for k in pick.split(per))
+        everything = torch.arange(len(rows.ts), device=rows.ts.device)
+        if lanes.summed or lanes.count == 1:
+            return of(everything)
+        return torch.cat([of(everything[rows.lanes == lane]) for lane in range(lanes.count)])
 
     def projections(self, rec: StepRecord, vecs: torch.Tensor) -> torch.Tensor:
         """(V, G, T): φ_s · (each vector of ``vecs`` restricted to each group), without φ.
@@ -409,51 +492,68 @@ class _Context:
         ``vecs[0]`` must be Δθ_s restricted to the selection (the exact-change check uses
         it). Every projection is held to the tolerance, not only their sum.
         """
-        fn, G = self.eng.fn, self.G
-        C = self._targets_per_lane()
+        def integrate() -> torch.Tensor:
+            return self._path_integral(rec, vecs, self.req.group_of_param, self.G,
+                                       lambda c, f: quadrature.beyond_rounding(f - c, f.abs()).amax(0))
+        out = self._cached(("proj", rec.s, self.req.a, self.req.group_of_param, len(vecs)), integrate)
+        return out.reshape(len(vecs), self.G, -1)
+
+    def _path_integral(self, rec: StepRecord, vecs: torch.Tensor, group_of_param: tuple[int, ...], G: int,
+                       error, finish=None) -> torch.Tensor:
+        """(V·G, T) ∫ ∇F · (each of ``vecs`` on each group) along the step, or with ``finish(path, lanes, rows)``
+        what it makes of each lane set's rule instead (the rows' gradients: :meth:`phi`).
+
+        The groups' shares of the vectors enter the layers as scalars (:class:`Path`), and a row's
+        derivatives in them are taken by reverse or forward mode, whichever needs fewer passes.
+        """
+        fn, V = self.eng.fn, len(vecs)
 
         # a row keeps its forward pass, and about two of the largest intermediates per target (reverse
         # mode) or ten per direction (forward mode): the live peak torch.profiler measures. Rows get
         # their own moved params when those are no larger than that
-        every, largest = self._activations()
-        passes = 2 * C if C <= len(vecs) * G else 10 * len(vecs) * G
-        row = every + passes * largest
-        moved_rows = self.eng.run.space.size <= row
-        row_bytes = fn.itemsize * (row + moved_rows * self.eng.run.space.size)
+        def row(lanes: Lanes) -> int:
+            every, largest = self._activations(lanes)
+            C = lanes.targets_per_lane(self.T)
+            return every + (2 * C if C <= V * G else 10 * V * G) * largest
+        moved_rows = self.eng.run.space.size <= row(self.lanes)
 
-        sel, groups, H = self.sel, self.groups, G
-        if self._rest():  # the other params are one more group, moved by their Δθ only (see _rest)
-            sel, groups, H, vecs = self._with_rest_group(rec, vecs)
+        def row_bytes(lanes: Lanes) -> float:
+            return fn.itemsize * (row(lanes) + moved_rows * self.eng.run.space.size)
 
-        def integrate() -> torch.Tensor:
-            path = fn.path(rec.theta, rec.delta, sel, vecs, groups, moved_rows)
-            out = self._integrate(
-                rec, path, lambda ts, x, y, jumps=None: path.projections(self.lanes.target, ts, x, y, C, jumps)
-                .flatten(1, 2), lambda est: est[:H].sum(0), lambda est: est.abs().sum(0),
-                lambda c, f: quadrature.beyond_rounding(f - c, f.abs()).amax(0), row_bytes, 1)
-            return out.reshape(len(vecs), H, -1)[:, :G].contiguous()
-        out = self._cached(("proj", rec.s, self.req.a, self.req.group_of_param, len(vecs)), integrate)
-        return out.reshape(len(vecs), G, -1)
+        sel, groups, H, vecs = self._grouped(rec, vecs, group_of_param, G)
+        path = fn.path(rec.theta, rec.delta, sel, vecs, groups, moved_rows)
+        C = self.lanes.targets_per_lane(self.T)
+        out = self._integrate(
+            rec, path, lambda target, ts, x, y, jumps=None: path.projections(target, ts, x, y, C, jumps).flatten(1, 2),
+            lambda est: est[:H].sum(0), lambda est: est.abs().sum(0), error, row_bytes, 1,
+            None if finish is None else partial(finish, path))
+        return out if finish is not None else out.reshape(V, H, -1)[:, :G].flatten(0, 1)
 
-    def _with_rest_group(self, rec: StepRecord, vecs: torch.Tensor) -> tuple[ParamSpace, Groups, int, torch.Tensor]:
-        """Every param, the unselected ones as group G, and ``vecs`` over all of them: Δθ there for the
-        first vector (the step itself), zero for the others (decay and carried momentum are the selection's)."""
-        space, req = self.eng.run.space, self.req
-        own = dict(zip(req.params, req.group_of_param))
+    def _grouped(self, rec: StepRecord, vecs: torch.Tensor, group_of_param: tuple[int, ...],
+                 G: int) -> tuple[ParamSpace, Groups, int, torch.Tensor]:
+        """(params, their Groups, how many groups, ``vecs`` over those params) for a test-side path.
+
+        The selected params go to ``group_of_param``. With :meth:`_rest` every param takes part, the
+        unselected ones as group G, and ``vecs`` are over all of them: Δθ there for the first vector
+        (the step itself), zero for the others (decay and carried momentum are the selection's).
+        """
+        req, dev = self.req, self.eng.device
+        if not self._rest():
+            return self.sel, Groups(self.sel, dataclasses.replace(
+                req, group_of_param=group_of_param, n_groups=G, by_element=False), dev), G, vecs
+        space = self.eng.run.space
+        own = dict(zip(req.params, group_of_param))
         names = tuple(space.names)
         groups = Groups(space, dataclasses.replace(req, params=names, group_of_param=tuple(
-            own.get(n, self.G) for n in names), n_groups=self.G + 1), self.eng.device)
+            own.get(n, G) for n in names), n_groups=G + 1, by_element=False), dev)
         full = vecs.new_zeros(len(vecs), space.size)
         full[:, self.idx] = vecs
         full[0] = rec.delta
-        return space, groups, self.G + 1, full
+        return space, groups, G + 1, full
 
-    def _targets_per_lane(self) -> int:
-        return self.T if self.lanes.summed else self.T // self.lanes.count
-
-    def _activations(self) -> tuple[int, int]:
+    def _activations(self, lanes: Lanes) -> tuple[int, int]:
         """(all, largest) intermediate elements of one lane's forward pass (measured once per shape)."""
-        return self.eng.fn.activation_elements(self.eng.theta0, self.lanes.x[0])
+        return self.eng.fn.activation_elements(self.eng.theta0, lanes.x[0])
 
     def check_step(self, k: int, rec: StepRecord, explained: torch.Tensor) -> None:
         self.step_actual[k] = self._f(rec.theta_next) - self._f(rec.theta)

@@ -42,6 +42,12 @@ def _kink_sites(func, args, kwargs) -> list[tuple[torch.Tensor, float]]:
     return [(z, 1.0)]
 
 
+def _scaled(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x·s for a 0-dim ``s``, expanded first: under vmap and forward mode (a row's t, the jumps' ε) a
+    0-dim factor's broadcast runs through torch's Python reference kernels, 3-4× slower than this."""
+    return x * s.expand(x.shape)
+
+
 class _ReluInputs(TorchFunctionMode):
     """Records the shifted inputs of ReLU-family calls (their zero crossings are the integrand's kinks)."""
 
@@ -82,7 +88,7 @@ class _KinkJumps(TorchFunctionMode):
             self.offset += n
             on_end_side = ((z > 0) == self.end_side[part].view_as(z)).to(z.dtype)
             c = self.tail[part].view_as(z) - self.share[part].view_as(z) * on_end_side
-            out = out + self.eps * (jump * c.detach()) * z
+            out = out + _scaled(z * (jump * c.detach()), self.eps)
         return out
 
 
@@ -144,7 +150,7 @@ class _AlongPath(TorchFunctionMode):
 
     def _moved(self, w: torch.Tensor) -> torch.Tensor:
         g, dw, vs = self.info[id(w)]
-        out = w if dw is None else w + self.t * dw
+        out = w if dw is None else w + _scaled(dw, self.t)
         if vs is None or self.alpha is None:
             return out
         return out + (self.alpha[g] @ vs.flatten(1)).view_as(w)
@@ -152,7 +158,7 @@ class _AlongPath(TorchFunctionMode):
     def _terms(self, rule: tuple, a: list, w: torch.Tensor) -> torch.Tensor:
         part, stacked = rule
         g, dw, vs = self.info[id(w)]
-        out = 0 if dw is None else self.t * part(a, dw)
+        out = 0 if dw is None else _scaled(part(a, dw), self.t)
         if vs is not None and self.alpha is not None:
             detached = [x.detach() if isinstance(x, torch.Tensor) else x for x in a]
             each = stacked(detached, vs) if stacked else torch.stack([part(detached, v) for v in vs], -1)
@@ -253,6 +259,10 @@ class ModelFn:
         with torch.no_grad():
             return self._call(theta_full, None, None, x)
 
+    def summed_grad(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(P,) Σ_k ∇ loss_k: the per-example gradients' sum, by one backward pass of the batch."""
+        return grad(lambda th: self._loss_fn(self._call(th, None, None, x), y).sum())(theta)
+
     def per_example_grads(self, sel: ParamSpace, theta_sel: torch.Tensor, theta_full: torch.Tensor,
                           x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(B, P_sel) loss gradients, one row per example, for the selected params only."""
@@ -311,29 +321,18 @@ class ModelFn:
         return vmap(grad(reach), in_dims=(None, 0, 0))(theta_full.new_zeros(U), x, y) != 0
 
     def lane_jacobian(self, sel: ParamSpace, target: Callable, theta_sel: torch.Tensor, points: torch.Tensor,
-                      x: torch.Tensor, y: torch.Tensor, jumps: Jumps | None = None,
-                      rest: torch.Tensor | None = None) -> torch.Tensor:
+                      x: torch.Tensor, y: torch.Tensor, jumps: Jumps | None = None) -> torch.Tensor:
         """(m, C, P_sel) Jacobian of each row's lane targets wrt the selected params at its point.
 
         With ``jumps`` (per row), the Jacobian of the row's weighted value plus its kink jumps (:func:`_with_jumps`).
-        With ``rest`` (a full-length direction, zero on the selection: the step's Δθ of the other params),
-        one more column, (m, C, P_sel + 1): the targets' derivative along ``rest``, from the same reverse
-        passes, so that the selection's estimate can be held to the exact change of the targets.
         """
         f = self._lane_fn(sel, target)
-        if jumps is None and rest is None:
+        if jumps is None:
             return vmap(torch.func.jacrev(f))(theta_sel, points, x, y)
 
         def jumped(th, pt, xi, yi, *row):
-            return _with_jumps(lambda: f(th, pt, xi, yi), row) if row else f(th, pt, xi, yi)
-        if rest is None:
-            return vmap(torch.func.jacrev(jumped))(theta_sel, points, x, y, *jumps)
-
-        def extended(th, pt, xi, yi, *row):
-            j_sel, j_rest = torch.func.jacrev(lambda t, a: jumped(t, pt + a * rest, xi, yi, *row),
-                                              argnums=(0, 1))(th, pt.new_zeros(()))
-            return torch.cat([j_sel, j_rest[..., None]], -1)
-        return vmap(extended)(theta_sel, points, x, y, *(jumps or ()))
+            return _with_jumps(lambda: f(th, pt, xi, yi), row)
+        return vmap(torch.func.jacrev(jumped))(theta_sel, points, x, y, *jumps)
 
     def path(self, theta: torch.Tensor, delta: torch.Tensor, sel: ParamSpace | None = None,
              vecs: torch.Tensor | None = None, groups: Groups | None = None, moved_rows: bool = False) -> Path:
@@ -368,10 +367,41 @@ class Path:
     def run(self, t: torch.Tensor, alpha: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         named, info = self.named, self.info
         if alpha is not None and self.moved_rows:
-            named = self.fn.space.unflatten(self.theta + t * self.delta)
+            named = self.fn.space.unflatten(self.theta + _scaled(self.delta, t))
             info = {id(named[n]): (g, None, vs) for n, (g, vs) in self.stacks.items()}
         with _AlongPath(info, t, alpha):
             return functional_call(self.fn.model, {**self.fn.constants, **named}, (x,))
+
+    def gradient(self, sel: ParamSpace, target: Callable, ts: torch.Tensor, weights: torch.Tensor, x: torch.Tensor,
+                 y: torch.Tensor, jumps: Jumps | None = None, rest: torch.Tensor | None = None) -> torch.Tensor:
+        """(C, P_sel) Σ_j weights_j ∇F(θ + ts_j Δθ) over rows of one lane each, wrt the selected params.
+
+        The rows share the weights θ (every layer runs op(W) + t·op(ΔW), :class:`_AlongPath`), so
+        this is one backward pass for all of them, as costly as one gradient of a batch of their
+        items, where a Jacobian per row would take each row's weight gradients apart. With
+        ``jumps`` (per row) each row is its weighted value plus its kink jumps (:func:`_with_jumps`,
+        whose weights are the jumps' own). With ``rest`` (a full-length direction, zero on the selection:
+        the step's Δθ of the other params) one more column, (C, P_sel + 1): the targets' derivative along
+        it, so that the selection's rule can be held to the exact change of the targets.
+        """
+        idx = self.fn.space.element_index(sel).to(self.theta.device)
+        moved = self.fn.space.unflatten(self.delta)
+
+        def total(th_sel: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+            full = self.theta.index_put((idx,), th_sel)
+            if rest is not None:
+                full = full + a * rest
+            named = self.fn.space.unflatten(full)
+            info = {id(w): (0, moved[n], None) for n, w in named.items()}
+
+            def row(t, xi, yi, c, *jump):
+                def value():
+                    with _AlongPath(info, t, None):
+                        return target(functional_call(self.fn.model, {**self.fn.constants, **named}, (xi,)), yi)
+                return c * value() if not jump else _with_jumps(value, jump)
+            return vmap(row)(ts, x, y, weights, *(jumps or ())).sum(0)
+        j_sel, j_rest = jacrev(total, argnums=(0, 1))(self.theta[idx], self.theta.new_zeros(()))
+        return j_sel if rest is None else torch.cat([j_sel, j_rest[:, None]], -1)
 
     def values(self, target: Callable, ts: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(m, C) target values of each row's lane at its t (no derivative)."""

@@ -61,15 +61,41 @@ class QuadStats:
 Spans = list[tuple[float, float, int]]  # (lo, hi, lane)
 
 
+@dataclass(frozen=True)
+class Rows:
+    """The evaluations whose sum an estimate is: row j is the integrand of lane ``lanes[j]`` at ``ts[j]``.
+
+    Plain rows are weighted by ``weights``; kink-corrected rows carry ``jumps`` (weight, tail,
+    share, end side; see :func:`kink_coefficients`) and add up as they are. Any linear function
+    of the integrand (a gradient instead of a projection) is integrated by the same rule from them.
+    """
+
+    ts: torch.Tensor
+    lanes: torch.Tensor
+    weights: torch.Tensor
+    jumps: tuple[torch.Tensor, ...] | None = None
+
+    @staticmethod
+    def cat(parts: list[Rows]) -> Rows:
+        jumps = None if parts[0].jumps is None else tuple(map(torch.cat, zip(*(p.jumps for p in parts))))
+        return Rows(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ts", "lanes", "weights")), jumps)
+
+
+def _plain_rows(spans: Spans, n: int, dtype, device, rule: str = "gauss") -> Rows:
+    t, w = nodes(n, dtype, device, rule)
+    lo, hi = (torch.tensor([sp[k] for sp in spans], dtype=dtype, device=device)[:, None] for k in (0, 1))
+    lanes = torch.tensor([lane for *_, lane in spans], device=device).repeat_interleave(n)
+    return Rows((lo + (hi - lo) * t).flatten(), lanes, ((hi - lo) * w).flatten())
+
+
 def _estimates(values_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], spans: Spans, n: int,
                dtype, device, stats: QuadStats, rule: str = "gauss") -> list[torch.Tensor]:
     """The n-node estimate of ∫ v(t) dt over each (lo, hi, lane) span, from one batched call."""
-    t, w = nodes(n, dtype, device, rule)
-    ts = torch.cat([lo + (hi - lo) * t for lo, hi, _ in spans])
-    lanes = torch.tensor([lane for *_, lane in spans], device=device).repeat_interleave(n)
-    v = values_at(ts, lanes)  # (len(spans)·n, ...)
+    rows = _plain_rows(spans, n, dtype, device, rule)
+    v = values_at(rows.ts, rows.lanes)  # (len(spans)·n, ...)
     stats.evaluations += len(spans) * n
-    return [(hi - lo) * torch.tensordot(w, v[k * n: (k + 1) * n], dims=1) for k, (lo, hi, _) in enumerate(spans)]
+    w = rows.weights.view(len(spans), n)
+    return [torch.tensordot(w[k], v[k * n: (k + 1) * n], dims=1) for k in range(len(spans))]
 
 
 @dataclass(frozen=True)
@@ -301,28 +327,37 @@ class _Rule:
             b, zb, db = torch.where(left, b, t), torch.where(left, zb, zt), torch.where(left, db, dt)
         return t.tolist()
 
+    def rows(self, spans: Spans, located: tuple[Kinks, torch.Tensor, torch.Tensor] | None = None) -> Rows:
+        """The evaluations of every span's n-node estimate, n rows per span in span order."""
+        if not self.kinked:
+            return _plain_rows(spans, self.n, self.dtype, self.device, self.rule)
+        n = self.n
+        kinks, lo, width = located or self.kinks(spans)  # all spans at once, each on its own [0, 1]
+        tail, share = kink_coefficients(kinks, n)  # (n, S, U)
+        t, w = nodes(n, self.dtype, self.device)
+        lanes = torch.tensor([lane for *_, lane in spans], device=self.device).repeat_interleave(n)
+        weights = (width * w).flatten()
+        return Rows((lo[:, None] + width * t).flatten(), lanes, weights,
+                    (weights, (tail * width[None]).transpose(0, 1).flatten(0, 1),
+                     (share * width[None]).transpose(0, 1).flatten(0, 1), kinks.end_side.repeat_interleave(n, dim=0)))
+
     def estimates(self, spans: list[tuple[float, float, int]]) -> list[torch.Tensor]:
         if not spans:
             return []
         if not self.kinked:
             return _estimates(self.fn.values_at, spans, self.n, self.dtype, self.device, self.stats, self.rule)
         n, S = self.n, len(spans)
-        kinks, lo, width = self.kinks(spans)  # all spans at once, each on its own [0, 1]
+        located = kinks, lo, width = self.kinks(spans)
         whole = (lo == 0) & (width[:, 0] == 1)
         self.stats.kinks += int((kinks.sign[whole] != 0).sum())
-        tail, share = kink_coefficients(kinks, n)  # (n, S, U)
-        t, w = nodes(n, self.dtype, self.device)
-        lanes = torch.tensor([lane for *_, lane in spans], device=self.device).repeat_interleave(n)
-        v = self.fn.jumped((lo[:, None] + width * t).flatten(), lanes, (width * w).flatten(),
-                           (tail * width[None]).transpose(0, 1).flatten(0, 1),
-                           (share * width[None]).transpose(0, 1).flatten(0, 1),
-                           kinks.end_side.repeat_interleave(n, dim=0))
+        rows = self.rows(spans, located)
+        v = self.fn.jumped(rows.ts, rows.lanes, *rows.jumps)
         self.stats.evaluations += S * n
         return list(v.unflatten(0, (S, n)).sum(1))
 
 
 def integrate(fn: Integrand, n: int, budget: torch.Tensor | None, step: int, stats: QuadStats, dtype, device,
-              rule: str = "gauss", pooled: bool = False) -> torch.Tensor:
+              rule: str = "gauss", pooled: bool = False, rows: bool = False) -> torch.Tensor | tuple[torch.Tensor, Rows]:
     """∫_0^1 of the integrand with a fixed n-node rule, or refined adaptively when ``budget`` is given.
 
     ``budget`` (per target, absolute error of the step) turns on global adaptive refinement;
@@ -338,12 +373,15 @@ def integrate(fn: Integrand, n: int, budget: torch.Tensor | None, step: int, sta
     round, the intervals within a factor 2 of each budget's worst are refined, all lanes in
     one batched call, until every budget's summed error fits. The halves' estimates are
     reused, so a halving costs 2·2n evaluations of one lane.
+
+    With ``rows`` the estimate is not extrapolated, and the :class:`Rows` it sums are returned with it,
+    so that another linear function of the same integrand gets the same rule.
     """
     L = fn.lanes
     est = _Rule(fn, n, dtype, device, stats, rule if budget is None else "gauss", budget is not None)
     whole = [(0.0, 1.0, lane) for lane in range(L)]
-    if budget is None:
-        return torch.cat(est.estimates(whole), fn.cat_dim)
+    if budget is None:  # with rows, the rule is all that is wanted
+        return (None, est.rows(whole)) if rows else torch.cat(est.estimates(whole), fn.cat_dim)
     shares = budget.reshape(1 if pooled else L, -1)
     safe = shares.clamp_min(torch.finfo(budget.dtype).tiny)
     pool = [0] * L if pooled else list(range(L))
@@ -365,7 +403,7 @@ def integrate(fn: Integrand, n: int, budget: torch.Tensor | None, step: int, sta
             left, halves = ests[2 * k], ests[2 * k] + ests[2 * k + 1]
             err = fn.error(coarse, halves)
             # Richardson: the n-node rule's error shrinks 2^(2n)-fold per halving where F is smooth
-            fine = halves + (halves - coarse) / (4 ** est.n - 1)
+            fine = halves if rows else halves + (halves - coarse) / (4 ** est.n - 1)
             if f_lo is not None:
                 err = torch.maximum(err, _miss(fn, fine, f_lo, f_hi))
             out.append((lo, hi, lane, fine, err, f_lo, f_hi, left, halves))
@@ -443,5 +481,10 @@ def integrate(fn: Integrand, n: int, budget: torch.Tensor | None, step: int, sta
         stats.max_error = max(stats.max_error, max(float((err[b] / safe[b]).max()) for b in over))
     stats.refined_steps += int(any(splits))
     stats.corrected_lanes += sum(p[7] is None and p[1] - p[0] == 1.0 for p in pieces) if est.kinked else 0
-    total = [sum(p[3] for p in pieces if p[2] == lane) for lane in range(L)]
-    return torch.cat(total, fn.cat_dim)
+    total = torch.cat([sum(p[3] for p in pieces if p[2] == lane) for lane in range(L)], fn.cat_dim)
+    if not rows:
+        return total
+    leaves = []  # the spans whose estimates the pieces are: their own, or their halves'
+    for lo, hi, lane, *_, halves in pieces:
+        leaves += [(lo, hi, lane)] if halves is None else [(lo, (lo + hi) / 2, lane), ((lo + hi) / 2, hi, lane)]
+    return total, est.rows(leaves)

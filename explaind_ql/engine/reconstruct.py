@@ -1,5 +1,8 @@
 """Invariant 3: rebuild each recorded update from per-example gradients and the recorded state.
 
+The per-example gradients enter the update only through their weighted sum (the clip scale and
+the batch weight are per step), so the sum is taken as one backward pass of the batch.
+
 This is what makes the data attribution trustworthy: it checks, at query time and in
 the query's dtype, that hyperparameters, clip scales, batch weights and the loss in
 the store turn per-example gradients back into the recorded Δθ_s.
@@ -11,25 +14,20 @@ import torch
 
 from .kernels import Engine
 
-CHUNK_BYTES = 64 << 20  # per-example gradients held at once
-
-
-def rec_itemsize(engine: Engine) -> int:
-    return torch.empty((), dtype=engine.dtype).element_size()
+CHUNK_BYTES = 64 << 20  # activations of the batch held at once (a reverse pass keeps about all of them)
 
 
 def update_errors(engine: Engine, a: int, b: int) -> torch.Tensor:
     """Max |Δθ_rebuilt − Δθ_recorded| / max |Δθ_recorded| for each step in a..b-1."""
-    fn, run = engine.fn, engine.run
-    space = run.space
+    fn = engine.fn
     x, y = engine.split("train")
-    chunk = max(1, CHUNK_BYTES // (space.size * rec_itemsize(engine) * 4))
+    chunk = max(1, CHUNK_BYTES // (fn.itemsize * max(1, fn.activation_elements(engine.theta0, x[:1])[0])))
     errs = []
     for rec in engine.traj.walk(a, b):
         batch = rec.meta.batch.to(engine.device)
         g = torch.zeros_like(rec.theta)
-        for part in batch.split(chunk):  # per-example gradients, summed a chunk at a time
-            g += fn.per_example_grads(space, rec.theta, rec.theta, x[part], y[part]).sum(0)
+        for part in batch.split(chunk):
+            g += fn.summed_grad(rec.theta, x[part], y[part])
         g = g * (rec.meta.clip * rec.meta.weight)
         ls = rec.linear
         drive = ls.drive(rec.theta, g)
