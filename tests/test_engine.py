@@ -287,3 +287,27 @@ def test_a_fixed_rule_reports_its_error_as_not_adaptive(toy_run):
     assert st["residual"] > 1e-6 * st["change"]  # two nodes do not resolve the kinks: the error is visible
     line = residual_line(st)
     assert "fixed 2-node rule, not adaptive" in line and f"{st['residual']:.2e}" in line
+
+
+@pytest.mark.parametrize("strategy", ["project", "fold"])
+def test_relu_items_without_kinks_join_one_lane_and_agree_with_their_own_lanes(toy_run, monkeypatch, strategy):
+    """Items none of whose live ReLU inputs cross zero in a step are integrated together, by the plain
+    rule on their summed target; the terms agree with every item on its own lane, to the tolerance, and
+    the residual is still met."""
+    from explaind_ql.engine import kernels
+    run = eq.open(toy_run("transformer", "adamw", act="relu", steps=STEPS))
+    tol = 1e-8
+    req = request(run, by="param", keep_test=False, tolerance=tol, strategy=strategy,
+                  **({"examples": tuple(range(run.split_size("train")))} if strategy == "fold" else {}))
+    joined = Engine(run).run_request(req)
+    n_items = len(req.target.items)
+    assert 0 < joined.stats["joined_items"] < n_items * STEPS  # some item-steps joined, some kinked ones did not
+    run.cache.clear()
+    monkeypatch.setattr(kernels._Context, "_joinable", lambda self: False)
+    apart = Engine(run).run_request(req)
+    assert apart.stats["joined_items"] == 0
+    change = float(joined.actual.abs().max())
+    for r in (joined, apart):
+        assert r.stats["residual"] <= tol * r.stats["change"]
+    assert float((joined.total() - apart.total()).abs().max()) <= 2 * tol * change
+    assert rel(joined.gradient.sum((0, 2)), apart.gradient.sum((0, 2))) <= 1e-6  # every param's share

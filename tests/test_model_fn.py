@@ -148,3 +148,52 @@ def test_shared_weights_are_not_copied_per_row(dtype, moved_rows):
         path.projections(lambda out, yl: out[:, 0], torch.rand(rows, dtype=dtype),
                          torch.randint(0, 7, (rows, 1, 5)), torch.zeros(rows, 1, dtype=torch.long), 1)
     assert max(seen) < rows * sel.size  # no tensor as large as one weight copy per row
+
+
+@pytest.mark.parametrize("with_jumps", [False, True])
+def test_a_rules_gradient_is_its_rows_weighted_jacobians(with_jumps):
+    """Path.gradient (one backward pass, weights shared by the rows) against the definition: Σ_j w_j times
+    row j's Jacobian at θ + t_jΔθ (with its kink jumps), and the extra column along the other params' Δθ."""
+    fn, space, names, theta = build()
+    fn.model.emb_capped.max_norm = None  # its in-place renorm cannot run under the reference's forward mode
+    torch.manual_seed(2)
+    delta = 0.05 * torch.randn_like(theta)
+    sel = space.subspace(names[1::2] + ["head.weight"])
+    idx = space.element_index(sel)
+    x = torch.randint(0, 7, (5, 2, 5))  # 5 rows, lanes of 2 items
+    y = torch.randint(0, 5, (5, 2))
+    ts = torch.tensor([0.0, 0.2, 0.5, 0.9, 1.0], dtype=theta.dtype)
+    w = torch.rand(5, dtype=theta.dtype)
+    jumps = None
+    if with_jumps:
+        U = sum(fn.kink_segments(theta, x[0]))
+        jumps = (w, torch.randn(5, U, dtype=theta.dtype), torch.randn(5, U, dtype=theta.dtype),
+                 torch.rand(5, U) > 0.5)
+
+    def target(out, yl):
+        return out.gather(1, yl[:, None])[:, 0]
+    points = theta[None] + ts[:, None] * delta[None]
+    jac = fn.lane_jacobian(sel, target, points[:, idx], points, x, y, jumps)  # (m, C, P_sel): weighted with jumps
+    want = jac.sum(0) if with_jumps else torch.einsum("m,mcp->cp", w, jac)
+    path = fn.path(theta, delta)
+    got = path.gradient(sel, target, ts, w, x, y, jumps)
+    assert got.shape == (2, sel.size)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+    rest = delta.clone()
+    rest[idx] = 0
+    full = fn.lane_jacobian(space, target, points, points, x, y, jumps)  # every param: the rest column is full · rest
+    want_rest = (full.sum(0) if with_jumps else torch.einsum("m,mcp->cp", w, full)) @ rest
+    got = path.gradient(sel, target, ts, w, x, y, jumps, rest)
+    assert got.shape == (2, sel.size + 1)
+    assert torch.allclose(got[:, :-1], want, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(got[:, -1], want_rest, rtol=1e-10, atol=1e-12)
+
+
+def test_the_summed_gradient_is_the_per_example_gradients_sum():
+    fn, space, names, theta = build()
+    fn.model.emb_capped.max_norm = None  # its in-place renorm cannot run under vmap
+    x = torch.randint(0, 7, (6, 5))
+    y = torch.randint(0, 5, (6,))
+    want = fn.per_example_grads(space, theta, theta, x, y).sum(0)
+    assert torch.allclose(fn.summed_grad(theta, x, y), want, rtol=1e-10, atol=1e-12)

@@ -300,6 +300,7 @@ class _Context:
         self.step_actual = torch.zeros(n_steps, T, dtype=dt, device=dev)
         self.step_explained = torch.zeros(n_steps, T, dtype=dt, device=dev)
         self.qstats = quadrature.QuadStats()
+        self.joined_items = 0  # item-steps integrated on a kink-free lane of several items (_lane_sets)
         self.stats: dict = {}
         self.response_out: dict = {}  # Request.carry_response: the Result's response fields
         self.seconds = {"test": 0.0, "trajectory": 0.0}
@@ -382,6 +383,7 @@ class _Context:
             return [(lanes, 1.0)]
         share = 1 - float(kinked.float().mean())
         smooth = lanes.joined(~kinked, self.joint_target)
+        self.joined_items += len(smooth.x[0])
         return [(smooth, share)] + ([(lanes.subset(kinked), 1 - share)] if bool(kinked.any()) else [])
 
     def _integrate(self, rec: StepRecord, path: Path, at_rows, along, spread, error, row_bytes, cat_dim: int,
@@ -718,6 +720,7 @@ class _Context:
                           train_bytes=self.grown["train"],
                           evaluations=self.qstats.evaluations, refined_steps=self.qstats.refined_steps,
                           kinks=self.qstats.kinks, corrected_lanes=self.qstats.corrected_lanes,
+                          joined_items=self.joined_items,
                           unconverged_steps=list(self.qstats.unconverged))
         return Result(self.grad, self.wd, self.mom, self.labels, self.example_ids.cpu(),
                       self.step_actual.sum(0), self.step_explained.sum(0), self.step_actual,
