@@ -417,7 +417,7 @@ def integrate(fn: Integrand, n: int, budget: torch.Tensor | None, step: int, sta
         and the worst are refined first.
         """
         f_edges = f_of([(t, lane) for lo, hi, lane in spans for t in (lo, hi)])
-        kept, pending = [], []
+        kept, pending, missed = [], [], []
         for k, ((lo, hi, lane), w) in enumerate(zip(spans, est.estimates(spans))):
             f_lo, f_hi = f_edges[2 * k], f_edges[2 * k + 1]
             if f_lo is not None:
@@ -425,10 +425,18 @@ def integrate(fn: Integrand, n: int, budget: torch.Tensor | None, step: int, sta
                 if pooled:  # the pool's error is that of the items' sum: misses of opposite sign cancel in it
                     signed[(lo, hi, lane)] = (fn.along(w) - (f_hi - f_lo),
                                               16 * torch.finfo(w.dtype).eps * (f_hi.abs() + f_lo.abs()))
-                if pooled or bool((miss <= _allowance(fn, w, shares[lane])).all()) or est.cuts([(lo, hi, lane)])[0]:
-                    kept.append((lo, hi, lane, w, miss, f_lo, f_hi, None, None))
-                    continue
+                piece = (lo, hi, lane, w, miss, f_lo, f_hi, None, None)
+                if pooled or bool((miss <= _allowance(fn, w, shares[lane])).all()):
+                    kept.append(piece)
+                else:
+                    missed.append(piece)
+                continue
             pending.append((lo, hi, lane, w, f_lo, f_hi))
+        for piece, cuts in zip(missed, est.cuts([p[:3] for p in missed])):  # all spans' kinks at once
+            if cuts:  # to be cut at kinks: kept at its miss until then
+                kept.append(piece)
+            else:
+                pending.append((*piece[:4], *piece[5:7]))
         return kept + pieces_of(pending)
 
     signed: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # pooled kept pieces: (signed miss, rounding)
