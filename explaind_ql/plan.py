@@ -131,8 +131,9 @@ def aggregate_tests(plan: Plan, ctx: Context) -> Plan:
         return plan.decide("test aggregation", f"kept: {len(t.items)} test items are an axis of the result")
     req = replace(plan.request, target=replace(t, keep_test=False))
     return plan.decide("test aggregation", f"{len(t.items)} test items summed inside the target: "
-                                           "one gradient per quadrature node (models with ReLU kinks: each "
-                                           "item integrated on its own, then summed)", request=req)
+                                           "one gradient per quadrature node (models with ReLU kinks: in each "
+                                           "step the items without kinks together, the others each on its own, "
+                                           "then summed)", request=req)
 
 
 def estimate_costs(req: Request, run: Run, engine: Engine) -> dict[str, float]:
@@ -246,8 +247,8 @@ def render(plan: Plan, run: Run, engine: Engine, analyzed: dict | None = None) -
         quad = f"{'midpoint' if req.rule == 'midpoint' else 'Gauss–Legendre'} {req.nodes} nodes, fixed (not adaptive)"
     elif engine.kink_segments:
         quad = (f"Gauss–Legendre {max(req.nodes, KINKED_NODES)} nodes per step corrected for every ReLU kink, "
-                f"cut where two layers' kinks meet, halved where that misses the exact change; "
-                f"adaptive to {req.tolerance:g}")
+                f"cut where two layers' kinks meet, halved where that misses the exact change (summed items "
+                f"without kinks in a step: {req.nodes} nodes on one lane); adaptive to {req.tolerance:g}")
     else:
         quad = (f"Gauss–Legendre {req.nodes} nodes per step, halved where estimates disagree or miss "
                 f"the exact change; adaptive to {req.tolerance:g}")
