@@ -75,11 +75,6 @@ class Rows:
     weights: torch.Tensor
     jumps: tuple[torch.Tensor, ...] | None = None
 
-    @staticmethod
-    def cat(parts: list[Rows]) -> Rows:
-        jumps = None if parts[0].jumps is None else tuple(map(torch.cat, zip(*(p.jumps for p in parts))))
-        return Rows(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ts", "lanes", "weights")), jumps)
-
 
 def _plain_rows(spans: Spans, n: int, dtype, device, rule: str = "gauss") -> Rows:
     t, w = nodes(n, dtype, device, rule)
