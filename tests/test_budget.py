@@ -57,3 +57,22 @@ def test_peak_memory_stays_under_the_budget_plus_the_baseline(run_path, mib):
         assert rows == "refused"
     else:
         assert int(rows) > 50_000 and 0 < int(growth) <= mib << 20, (rows, int(growth) / 2 ** 20)
+
+
+def test_per_example_work_is_estimated_for_the_selected_examples_only(run_path):
+    """A step's per-example gradients or JVPs cover its selected examples, not its whole batch: restricting
+    the examples shrinks the estimate, and for a few examples it does not grow with the batch (a kernel on
+    a few pairs was estimated as if on the whole batch, and split into chunks that each redid the test side)."""
+    from explaind_ql.engine.budget import estimate
+    from explaind_ql.engine.kernels import Request
+    from explaind_ql.engine.targets import TargetSpec
+    run = eq.open(run_path)
+    names, P, n_train = tuple(run.space.names), run.space.size, run.split_size("train")
+    for strategy, bins in (("momentum", (0, 0, 1, 1)), ("fold", None)):
+        def est(examples, batch=n_train):
+            req = Request(0, 4, TargetSpec("label", "test", (0, 1)), names, tuple(range(len(names))), len(names),
+                          step_bin=bins, n_bins=2 if bins else 1, examples=examples, keep_examples=True,
+                          strategy=strategy)
+            return estimate(req, P, P, 2, n_train, batch, 8)
+        assert est((0, 1)) < est(tuple(range(n_train)))
+        assert est((0, 1), batch=100 * n_train) == est((0, 1))

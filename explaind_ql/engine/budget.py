@@ -55,13 +55,14 @@ def estimate(req: Request, n_total: int, n_sel: int, n_targets: int, n_train: in
         b = nodes * T * n_sel * OVERHEAD + 12 * n_total + 3 * req.n_bins * T * G
     n_ex = n_train if req.examples is None else len(req.examples)
     e_out = n_ex if req.keep_examples else 1
+    per_batch = min(batch, n_ex)  # a step's per-example work covers its selected examples only
     if strategy not in ("delta", "project"):
-        b += req.n_bins * T * e_out * G + batch * n_sel * OVERHEAD
+        b += req.n_bins * T * e_out * G + per_batch * n_sel * OVERHEAD
     if strategy == "momentum":
-        b += 2 * n_ex * n_sel + T * min(batch, n_ex) * (G if G <= GROUP_LOOP_MAX else n_sel)
+        b += 2 * n_ex * n_sel + T * per_batch * (G if G <= GROUP_LOOP_MAX else n_sel)
     if strategy == "fold":
         seg = req.segment_steps or (req.b - req.a)
-        b += seg * (n_total + (T + 6) * n_sel) + T * batch * G
+        b += seg * (n_total + (T + 6) * n_sel) + T * per_batch * G
     return int(b * itemsize)
 
 
