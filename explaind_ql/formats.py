@@ -87,13 +87,15 @@ def info_renderable(info: dict):
     from rich.table import Table
     from rich.tree import Tree
 
+    from .engine.budget import fmt_bytes
+
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
     summary.add_column()
     for key, value in (
         ("run", info["path"]),
         ("steps", f"{info['steps']}" + ("" if info["complete"] else " (recording incomplete)")),
-        ("storage", f"{info['mode']}, {_bytes(info['bytes_on_disk'])} on disk"),
+        ("storage", f"{info['mode']}, {fmt_bytes(info['bytes_on_disk'])} on disk"),
         ("parameters", f"{info['params']:,} in {info['param_tensors']} tensors ({info['dtype']})"),
         ("loss", f"{info['loss'].get('name')} ({info['loss'].get('reduction')})"),
         ("model", info["factory"]),
@@ -126,14 +128,6 @@ def info_renderable(info: dict):
     return Group(summary, "", tree, "", splits, "", optimizer)
 
 
-def _bytes(n: float) -> str:
-    if n < 1024:
-        return f"{n} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024:
-            break
-    return f"{n:.1f} {unit}"
 
 
 
