@@ -41,11 +41,14 @@ from .targets import TargetSpec
 from .trajectory import StepRecord, Trajectory
 
 STRATEGIES = ("delta", "project", "fold", "momentum")
-ROWS_PER_CALL = 32  # by then a batched call's fixed cost (ms of dispatch) is mostly amortised; more rows cost memory
+# by then a batched call's fixed cost (ms of dispatch) is mostly amortised; past it a row costs more: a
+# kink-corrected call on the paper's model took 13.6 ms for 1 row, 20–24 ms for 32, 36 ms for 40, 49–60 ms for 64
+ROWS_PER_CALL = 32
 JVP_MAX_TANGENTS = 16
 # what one batched test-side call (Jacobians or derivatives at nodes) may hold at most: its fixed
-# cost (ms of dispatch) is amortised once rows are many or large, so more would buy memory, not speed
-CALL_BYTES = 4 << 20
+# cost (ms of dispatch) is amortised once rows are many or large, so more would buy memory, not speed.
+# The paper's model's forward-mode ReLU slopes: 16 ms for 64 one-item rows, 41 ms for 256
+CALL_BYTES = 16 << 20
 GROUP_LOOP_MAX = 64
 
 
@@ -423,7 +426,8 @@ class _Context:
         f_at = partial(rows, per_forward, lambda t, x, y: path.values(lanes.target, t, x, y))
         kinked = self.kinked and bool(lanes.segments)
         slopes = partial(rows, per_forward, lambda t, x, y: path.slopes(t, x)) if kinked else None
-        jumped = (partial(rows, max(1, per_call // 2), lambda t, x, y, *jumps: at_rows(t, x, y, jumps))
+        per_jumped = max(1, min(ROWS_PER_CALL, int(self.req.call_bytes // max(1.0, 2 * row_bytes))))
+        jumped = (partial(rows, per_jumped, lambda t, x, y, *jumps: at_rows(t, x, y, jumps))
                   if kinked else None)
         integrand = quadrature.Integrand(partial(rows, per_call, at_rows), along, error, lanes.count, cat_dim,
                                          f_at, slopes, spread, jumped, lanes.segments, lanes.live)
