@@ -40,13 +40,15 @@ def requests(run, a: int, b: int) -> dict[str, Request]:
     tests = TargetSpec("label", "test", tuple(range(100)), keep_test=False)
     kept = TargetSpec("label", "test", tuple(range(100)), keep_test=True)
     return {
-        "model x training, by layer (delta)": Request(a, b, tests, names, by_layer, len(layers), nodes=2, tolerance=None),
-        "replication, 100 items summed (delta, adaptive 1e-6)": Request(a, b, tests, names, tuple(0 for _ in names), 1),
+        "model x training, by layer (delta)": Request(a, b, tests, names, by_layer, len(layers), nodes=2, tolerance=None,
+                                                      strategy="delta"),
+        "replication, 100 items summed (delta, adaptive 1e-6)": Request(a, b, tests, names, tuple(0 for _ in names), 1,
+                                                                        strategy="delta"),
         "per-item replication (delta, fixed 4 nodes)": Request(a, b, kept, names, tuple(0 for _ in names), 1,
-                                                               nodes=4, tolerance=None),
+                                                               nodes=4, tolerance=None, strategy="delta"),
         "data, 1000 examples kept (fold, JVP)": Request(a, b, tests, names, tuple(0 for _ in names), 1,
                                                          examples=tuple(range(1000)), keep_examples=True,
-                                                         nodes=2, tolerance=None),
+                                                         nodes=2, tolerance=None, strategy="fold"),
     }
 
 

@@ -182,7 +182,8 @@ def scaling(lines: list[str], quick: bool) -> None:
             names = tuple(run.space.names)
             items = kw.pop("items", 4)
             req = Request(0, kw.pop("steps", run.n_steps), TargetSpec("label", "test", tuple(range(items))), names,
-                          tuple(0 for _ in names), 1, nodes=2, tolerance=None, **kw)
+                          tuple(0 for _ in names), 1, nodes=2, tolerance=None,
+                          strategy="fold" if kw.get("keep_examples") else "delta", **kw)
             eng = Engine(run)
             eng.run_request(req)  # warm
             run.cache.phi.clear()

@@ -151,17 +151,19 @@ class Distribution:
     def chunks(self) -> list[tuple[int, int]]:
         return list(zip(self.bounds[:-1], self.bounds[1:]))
 
-    def describe(self, measured: str = "") -> str:
-        """Two lines for ``explain``: where and how the chunks run."""
+    def summary(self) -> str:
+        """Where the chunks run, for ``explain``."""
         spans = [f"{c}:{d}" for c, d in self.chunks]
         shown = ", ".join(spans if len(spans) <= 8 else spans[:4] + ["…"] + spans[-2:])
         sizes = sorted({d - c for c, d in self.chunks})
         per = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}–{sizes[-1]}"
         plural = lambda n, word: f"{n} {word}{'s' * (n != 1)}"  # noqa: E731
-        return (f"Distributed  scheduler {self.address}, {plural(self.workers, 'worker')} "
-                f"({plural(self.threads, 'thread')}); {plural(len(spans), 'step chunk')} of {per} steps "
-                f"({shown}), {self.aligned}{measured}\n"
-                f"   each chunk: strategy={self.strategy} on {self.device or 'the worker GPU if any, else cpu'}; "
+        return (f"scheduler {self.address}, {plural(self.workers, 'worker')} ({plural(self.threads, 'thread')}); "
+                f"{plural(len(spans), 'step chunk')} of {per} steps ({shown}), {self.aligned}")
+
+    def per_chunk(self) -> str:
+        """What each chunk runs, for ``explain``."""
+        return (f"each chunk: strategy={self.strategy} on {self.device or 'the worker GPU if any, else cpu'}; "
                 f"momentum composed across chunks on the client (response ≤ "
                 f"{engine_budget.fmt_bytes(self.response_bytes)} per chunk)")
 
@@ -217,7 +219,7 @@ def distribute(plan, run: Run, eng: Engine, scheduler: Any, device: str | None, 
     nthreads = client.nthreads()
     threads = sum(nthreads.values())
     req = plan.request
-    strategy = req.strategy or req.choose_strategy()
+    strategy = req.strategy
     per_chunk = PER_CHUNK.get(strategy, strategy)
     tree = plan.chunks
     if per_chunk != strategy:

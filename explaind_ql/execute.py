@@ -18,9 +18,11 @@ import psutil
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .engine import budget as engine_budget
-from .engine.kernels import Engine
+from .engine.kernels import Engine, Request
 from .engine.reconstruct import update_errors
+from .engine.targets import TargetSpec
 from .lang import parse
 from .plan import RULES, Plan, Rule, cheapest, optimise, render
 from .results import influence_frame, residual_line
@@ -45,15 +47,13 @@ def prepare(run: Run, text: str, params: dict[str, Any] | None = None, rules: Se
     """
     q = parse(text, params or {})
     bound = bind(q, run, distributed=scheduler is not None)
-    remote = scheduler is not None or bound.cluster is not None
-    gpu_elsewhere = remote and bound.device.startswith("cuda") and not torch.cuda.is_available()
+    remote = distributed.scheduler_for(scheduler, bound.cluster)
+    gpu_elsewhere = remote is not None and bound.device.startswith("cuda") and not torch.cuda.is_available()
     eng = engine_for(run, "cpu" if gpu_elsewhere else bound.device, bound.dtype)  # with a cluster: plans only
-    plan = optimise(bound, run, eng, rules=rules) if bound.measure in ("influence", "kernel") else None
-    if plan is not None and remote:
-        from . import distributed
-        plan = distributed.distribute(plan, run, eng, distributed.scheduler_for(scheduler, bound.cluster),
-                                      bound.device if bound.device_pinned else None)
-    return bound, eng, plan
+    if bound.measure not in ("influence", "kernel"):
+        return bound, eng, None
+    return bound, eng, optimise(bound, run, eng, rules=rules, scheduler=remote,
+                                device=bound.device if bound.device_pinned else None)
 
 
 def run_query(run: Run, text: str, params: dict[str, Any] | None = None, rules: Sequence[Rule] = RULES,
@@ -69,7 +69,6 @@ def run_query(run: Run, text: str, params: dict[str, Any] | None = None, rules: 
 def compute(run: Run, bound: Bound, eng: Engine, plan: Plan | None) -> pl.DataFrame:
     if plan is not None:
         if plan.distribution is not None:
-            from . import distributed
             result = distributed.execute(run, plan)
         else:
             result = engine_budget.execute(eng, plan.chunks)
@@ -124,8 +123,6 @@ def analyze(run: Run, bound: Bound, eng: Engine, plan: Plan | None) -> str:
 
 def check_frame(run: Run, bound: Bound, eng: Engine) -> pl.DataFrame:
     """Replication per test item: the decomposition's prediction against the real change."""
-    from .engine.kernels import Request
-    from .engine.targets import TargetSpec
     target = TargetSpec(bound.target_kind, bound.target_split, bound.test_items, bound.output,
                         keep_test=True, keep_output=bound.target_kind == "outputs")
     names = tuple(run.space.names)
@@ -155,11 +152,10 @@ def check_frame(run: Run, bound: Bound, eng: Engine) -> pl.DataFrame:
 
 def similarity_frame(run: Run, bound: Bound, eng: Engine) -> pl.DataFrame:
     """Per layer, cosine similarity between test items' element-wise influence vectors."""
-    from .engine.kernels import Request
-    from .engine.targets import TargetSpec
     target = TargetSpec(bound.target_kind, bound.target_split, bound.test_items, bound.output, keep_test=True)
     req = Request(bound.a, bound.b, target, bound.params, tuple(range(len(bound.params))), len(bound.params),
                   by_element=True, nodes=bound.nodes, tolerance=bound.tolerance)
+    req = replace(req, strategy=cheapest(req, run, eng)[0])
     budget = bound.budget or engine_budget.default_budget(eng.device)
     r = engine_budget.execute(eng, engine_budget.plan(eng, req, budget))
     vec = (r.gradient.sum((0, 2)) + r.weight_decay.sum(0) + r.momentum.sum(0)).cpu()  # (T, P_sel)

@@ -48,6 +48,8 @@ def request(run, *, by="param", items=None, keep_test=True, kind="label", **kw) 
     items = tuple(range(run.split_size("test"))) if items is None else items
     target = TargetSpec(kind, "test", items, keep_test=keep_test, keep_output=kind == "outputs")
     kw.setdefault("tolerance", 1e-10)  # exactness to 1e-10 is asked for, not the default 1e-6
+    data = kw.get("keep_examples") or kw.get("examples") is not None  # the engine runs the strategy it is given
+    kw.setdefault("strategy", ("fold" if kw.get("n_bins", 1) == 1 else "momentum") if data else "delta")
     return Request(kw.pop("a", 0), kw.pop("b", run.n_steps), target,
                    names, groups, n, **kw)
 

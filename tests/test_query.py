@@ -13,8 +13,9 @@ from explaind_ql.engine.budget import Leaf, Split
 from explaind_ql.errors import ExplaindError, QueryError, SemanticError
 from explaind_ql.execute import engine_for, run_query
 from explaind_ql.lang import parse
-from explaind_ql.plan import (WITHOUT_PUSHDOWN, Context, aggregate_tests, choose_strategy, chunk_under_budget, logical,
-                              optimise, pushdown_restrictions)
+from explaind_ql.engine.kernels import Engine
+from explaind_ql.plan import (RULES, WITHOUT_PUSHDOWN, Context, Node, aggregate_tests, choose_strategy,
+                              chunk_under_budget, distribute, logical, optimise, pushdown_restrictions, render, tree)
 from explaind_ql.semantic import bind
 
 STEPS = 12
@@ -154,11 +155,57 @@ def test_chunk_under_budget_pass(run):
     assert [d[0] for d in p4.decisions] == ["restriction pushdown", "test aggregation", "strategy choice", "chunking"]
 
 
+def test_distribute_pass_changes_nothing_without_a_scheduler(run):
+    """Distribution is the last of RULES; a local query's plan leaves it as the chunking pass made it."""
+    assert RULES[-1] is distribute
+    p4, ctx = _pass_fixture(run, "influence on test[*] by step", RULES[:-1])
+    assert ctx.scheduler is None and distribute(p4, ctx) is p4
+
+
+def _shape(node: Node) -> tuple:
+    return (node.name, node.measured, tuple(_shape(c) for c in node.children))
+
+
+def test_explain_renders_the_plan_node_tree_after_each_pass(run):
+    """explain draws the plan's typed nodes; each pass shows in the node it changes."""
+    text = "influence of layer emb on test[0..3] over steps 2:10 by example"
+    expected = (("Influence", "frame", (("Contract", "contract", (("TestSide", "test", ()), ("TrainSide", "train", ()),
+                                                                   ("Trajectory", "trajectory", ()))),)),)
+    details = []
+    for k in range(len(RULES) + 1):
+        p, ctx = _pass_fixture(run, text, RULES[:k])
+        nodes = tree(p, run, ctx.engine)
+        assert tuple(map(_shape, nodes)) == expected
+        contract = nodes[0].children[0]
+        details.append((contract.detail.split()[0], *(c.detail for c in contract.children)))
+        lines = render(p, run, ctx.engine).split("\n")
+        assert lines[:5] == [f"{prefix}{n.name}  {n.detail}" for prefix, n in zip(
+            ("", "└─ ", "   ├─ ", "   ├─ ", "   └─ "), (nodes[0], contract, *contract.children))]
+        assert len(p.decisions) == min(k, len(RULES) - 1)  # one line per pass, none from a local distribution
+        assert lines[5] == "passes:" and len(lines) == 6 + len(p.decisions) + bool(p.post_filter)
+    # the logical plan: every step, kept test items, no strategy yet
+    assert details[0][0] == "strategy=undecided" and details[0][3].startswith("steps 0:12 of 12; params 8 of 8")
+    assert details[1][3].startswith("steps 2:10 of 12; params 1 of 8")  # restriction pushdown
+    assert "aggregated" in details[2][1] and "kept" in details[1][1]  # test aggregation
+    assert details[3][0] == "strategy=fold" and "folded backwards" in details[3][2]  # strategy choice
+    assert details[4] == details[5] == details[3]  # chunking and (locally) distribution change no node
+    analyzed = render(p, run, ctx.engine, {"test": "1.0 s", "summary": "done"}).split("\n")
+    assert analyzed[2].endswith("  [1.0 s]") and analyzed[-1] == "analyzed: done"
+
+
+def test_the_engine_runs_only_a_planned_strategy(run):
+    """The strategy is decided once, by the planner: a request without one is refused, not re-decided."""
+    p, ctx = _pass_fixture(run, "influence on test[*] by layer", (pushdown_restrictions, aggregate_tests))
+    assert p.request.strategy is None
+    with pytest.raises(ValueError, match="the strategy it was planned with"):
+        Engine(run).run_request(p.request)
+
+
 def test_rules_override(run):
     """optimise runs the passes it is given, in order; the default is RULES."""
     b = bind(parse("influence of layer emb on test[0..3] by layer"), run)
     eng = engine_for(run, "cpu", torch.float64)
-    assert [d[0] for d in optimise(b, run, eng).decisions] == [
+    assert [d[0] for d in optimise(b, run, eng).decisions] == [  # distribution: only with a scheduler
         "restriction pushdown", "test aggregation", "strategy choice", "chunking"]
     only = optimise(b, run, eng, rules=(pushdown_restrictions,))
     assert [d[0] for d in only.decisions] == ["restriction pushdown"] and only.chunks is None

@@ -54,5 +54,5 @@ def our_terms(run, nodes: int | None, rule: str = "gauss", device: str = "cpu"):
     names = tuple(run.space.names)
     target = TargetSpec("outputs", "test", tuple(range(run.split_size("test"))), keep_test=True, keep_output=True)
     req = Request(0, run.n_steps, target, names, tuple(range(len(names))), len(names),
-                  nodes=nodes or 2, tolerance=None if nodes else 1e-6, rule=rule)
+                  nodes=nodes or 2, tolerance=None if nodes else 1e-6, rule=rule, strategy="delta")
     return Engine(run, device).run_request(req)

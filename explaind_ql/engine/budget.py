@@ -47,7 +47,7 @@ def estimate(req: Request, n_total: int, n_sel: int, n_targets: int, n_train: in
     """Bytes the request holds at its peak."""
     T, G = n_targets, (n_sel if req.by_element else req.n_groups)
     nodes = expected_nodes(req)
-    strategy = req.choose_strategy()
+    strategy = req.strategy
     if strategy == "project":  # three vectors over the selection, (3G, T) per node: no Jacobian is held
         k = 3 * G
         b = 3 * n_sel * OVERHEAD + nodes * k * T + 12 * n_total + 3 * req.n_bins * T * G
@@ -156,12 +156,12 @@ def _halves(items: tuple) -> list[tuple]:
 
 def split(req: Request, sel_params: list[str]) -> tuple[str, list[Request]] | None:
     """The next way to shrink a request: fold segments, test items, examples, then params."""
-    if req.choose_strategy() == "fold" and (req.segment_steps or (req.b - req.a)) > 1:
+    if req.strategy == "fold" and (req.segment_steps or (req.b - req.a)) > 1:
         seg = req.segment_steps or (req.b - req.a)
         return "segment", [replace(req, segment_steps=max(1, seg // 2))]
     if req.target.keep_test and len(req.target.items) > 1:
         return "test", [replace(req, target=replace(req.target, items=h)) for h in _halves(req.target.items)]
-    if req.examples is not None and len(req.examples) > 1 and req.choose_strategy() == "momentum":
+    if req.examples is not None and len(req.examples) > 1 and req.strategy == "momentum":
         return "example", [replace(req, examples=h) for h in _halves(req.examples)]
     if len(sel_params) > 1:
         order = {n: i for i, n in enumerate(req.params)}

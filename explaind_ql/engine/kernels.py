@@ -90,13 +90,6 @@ class Request:
     def data(self) -> bool:
         return self.keep_examples or self.examples is not None
 
-    def choose_strategy(self) -> str:
-        if self.strategy:
-            return self.strategy
-        if not self.data:
-            return "delta"
-        return "fold" if self.n_bins == 1 else "momentum"
-
 
 @dataclass
 class Result:
@@ -152,9 +145,10 @@ class Engine:
 
     # -- entry point -------------------------------------------------------------------------
     def run_request(self, req: Request) -> Result:
-        strategy = req.choose_strategy()
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}")
+        strategy = req.strategy
+        if strategy not in STRATEGIES:  # the planner's strategy choice (explaind_ql.plan.cheapest) decides it
+            raise ValueError(f"unknown strategy {strategy!r}: a request runs the strategy it was planned with, "
+                             f"one of {', '.join(STRATEGIES)}")
         if strategy == "fold" and req.n_bins != 1:
             raise ValueError("the fold strategy keeps no step axis")
         if strategy in ("delta", "project") and req.data:
