@@ -329,6 +329,27 @@ class _Rule:
         return list(v.unflatten(0, (S, n)).sum(1))
 
 
+def _marked(open_: list[int], rank: dict[int, float], worst: dict[int, float], pieces: list[tuple],
+            pool: list[int], err: torch.Tensor, shares: torch.Tensor) -> list[int]:
+    """The pieces to refine this round: those within a factor 2 of their budget's worst, and then, worst
+    first, as many more as it takes for the others' error to fit half the budget.
+
+    A batched call costs about the same for 1 row as for 40 (dispatch, not arithmetic, on these
+    models), so refining the pieces that the budget cannot carry in one round, rather than only
+    the worst few in each of many rounds, spends rows to save rounds.
+    """
+    chosen = {i for i in open_ if rank[i] >= worst[pool[pieces[i][2]]] / 2}
+    left = {b: err[b] - sum((pieces[i][4] for i in chosen if pool[pieces[i][2]] == b), torch.zeros_like(err[b]))
+            for b in worst}
+    for i in sorted(open_, key=lambda i: -rank[i]):
+        b = pool[pieces[i][2]]
+        if i in chosen or bool((left[b] <= shares[b] / 2).all()):
+            continue
+        chosen.add(i)
+        left[b] = left[b] - pieces[i][4]
+    return sorted(chosen)
+
+
 def integrate(fn: Integrand, n: int, budget: torch.Tensor | None, step: int, stats: QuadStats, dtype, device,
               rule: str = "gauss", pooled: bool = False, rows: bool = False) -> torch.Tensor | tuple[torch.Tensor, Rows]:
     """∫_0^1 of the integrand with a fixed n-node rule, or refined adaptively when ``budget`` is given.
@@ -438,7 +459,7 @@ def integrate(fn: Integrand, n: int, budget: torch.Tensor | None, step: int, sta
         worst: dict[int, float] = {}
         for i in open_:
             worst[pool[pieces[i][2]]] = max(worst.get(pool[pieces[i][2]], 0.0), rank[i])
-        chosen = [i for i in open_ if rank[i] >= worst[pool[pieces[i][2]]] / 2]
+        chosen = _marked(open_, rank, worst, pieces, pool, err, shares)
         halve, spans, fresh = [], [], []
         for i, cuts in zip(chosen, est.cuts([pieces[i][:3] for i in chosen])):
             lo, hi, lane, fine, _, f_lo, f_hi, left, halves = pieces[i]
