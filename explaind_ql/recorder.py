@@ -115,7 +115,7 @@ class Recorder:
 
         self.theta = self._flat_params()
         self.state = self._read_state()
-        if self.spec.adam and len({int(self._param_state(p).get("step", 0)) for p in self._params}) > 1:
+        if self.spec.model.counts_steps and len({int(self._param_state(p).get("step", 0)) for p in self._params}) > 1:
             raise RecordingError("the optimizer's params are at different step counts; record from a "
                                  "fresh optimizer or one whose params all took the same steps")
         constants = [t.detach().clone() for t in self._constants(model)]
@@ -190,7 +190,7 @@ class Recorder:
                 has_buf = has_buf or t is not None
                 parts.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if t is None else t.detach().reshape(-1))
             bufs[b] = torch.cat(parts).clone()
-        step = int(self._param_state(self._params[0]).get("step", 0)) if self.spec.adam else 0
+        step = int(self._param_state(self._params[0]).get("step", 0)) if self.spec.model.counts_steps else 0
         return OptState(bufs, step, has_buf)
 
     # -- the loop ----------------------------------------------------------------------------

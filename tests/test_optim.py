@@ -6,13 +6,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from explaind_ql.optim import advance, fresh_state, spec_from_torch
+from explaind_ql.optim import MODELS, advance, fresh_state, spec_from_torch
 from explaind_ql.params import ParamSpace
 
 
 @st.composite
 def configs(draw):
-    cls = draw(st.sampled_from(["AdamW", "Adam", "SGD"]))
+    cls = draw(st.sampled_from(sorted(MODELS)))  # every registered model, so a new one is tested at once
     n_groups = draw(st.integers(1, 2))
     groups = []
     for _ in range(n_groups):

@@ -54,6 +54,7 @@ class TorchReplay:
 
     def step(self, theta: torch.Tensor, state: OptState, meta: StepMeta) -> tuple[torch.Tensor, OptState]:
         run = self.run
+        model = run.spec.model
         views = run.space.unflatten(theta)
         bufs = {b: run.space.unflatten(state.bufs[b]) for b in state.bufs}
         with torch.no_grad():
@@ -62,12 +63,8 @@ class TorchReplay:
                 p.grad = None
                 st = self.opt.state[p]
                 st.clear()
-                if run.spec.adam:
-                    st["step"] = torch.tensor(float(state.step))
-                    st["exp_avg"] = bufs["exp_avg"][info.name].clone()
-                    st["exp_avg_sq"] = bufs["exp_avg_sq"][info.name].clone()
-                elif state.has_buf and self.opt.param_groups[info.group]["momentum"] != 0:
-                    st["momentum_buffer"] = bufs["momentum_buffer"][info.name].clone()
+                st.update(model.torch_state(state, {b: v[info.name] for b, v in bufs.items()},
+                                            self.opt.param_groups[info.group]))
         for g, lr, wd in zip(self.opt.param_groups, meta.lr, meta.weight_decay):
             g["lr"], g["weight_decay"] = float(lr), float(wd)
         b = meta.batch.to(self.device)
@@ -87,7 +84,7 @@ class TorchReplay:
                     parts.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if t is None
                                  else t.reshape(-1))
                 new_bufs[name] = torch.cat(parts).clone()
-        has_buf = state.has_buf or any(self.opt.state[p].get("momentum_buffer") is not None for p in self.params)
+        has_buf = state.has_buf or any(model.started_in_torch(self.opt.state[p]) for p in self.params)
         return new_theta, OptState(new_bufs, state.step + 1, has_buf)
 
 

@@ -95,7 +95,7 @@ class Trajectory:
                 cache[(s + 1, self.device)] = (theta_next, state_next)
             if s >= a:
                 ls = linear_step(run.spec, self.gidx, meta.lr, meta.weight_decay, state,
-                                 state_next.bufs.get("exp_avg_sq"), self.dtype)
+                                 state_next.besides_momentum(), self.dtype)
                 yield StepRecord(s, theta.to(self.dtype), theta_next.to(self.dtype),
                                  state.to(self.dtype), ls, meta)
             theta, state, s = theta_next, state_next, s + 1
