@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from explaind_ql.engine import quadrature as q
@@ -166,6 +166,7 @@ def test_cap_on_splits_reports_unconverged():
 
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.floats(0.0, 50.0), min_size=1, max_size=12))
+@example([11.0, 1.3097402232399311, 21.30974022323993, 0.5])  # the remainder left is 0.5 + rounding
 def test_a_round_refines_worst_first_until_the_rest_fits_half_the_budget(errors):
     """Rows are nearly free up to a call's size, rounds are not: a round takes the worst pieces (all within
     a factor 2 of the worst, then more, worst first) until the others' error fits half the budget."""
@@ -181,4 +182,4 @@ def test_a_round_refines_worst_first_until_the_rest_fits_half_the_budget(errors)
     unforced = [i for i in chosen if errors[i] < max(errors) / 2]
     if unforced:  # each piece beyond the forced ones was needed when it was taken
         last = min(unforced, key=lambda i: errors[i])
-        assert sum(rest) + errors[last] > 0.5
+        assert sum(rest) + errors[last] > 0.5 - 1e-9 * sum(errors)  # (the running remainder rounds)
