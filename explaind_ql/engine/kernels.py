@@ -41,8 +41,9 @@ from .targets import TargetSpec
 from .trajectory import StepRecord, Trajectory
 
 STRATEGIES = ("delta", "project", "fold", "momentum")
-# by then a batched call's fixed cost (ms of dispatch) is mostly amortised; past it a row costs more: a
-# kink-corrected call on the paper's model took 13.6 ms for 1 row, 20–24 ms for 32, 36 ms for 40, 49–60 ms for 64
+# by then a batched call's fixed cost (ms of dispatch) is mostly amortised; past about 40 a row costs more: a
+# kink-corrected call on the paper's model took 13.6–17 ms for 1–16 rows, 21–24 for 32, 19–36 for 40 (noisy),
+# 30 for 48, 39–60 for 64
 ROWS_PER_CALL = 32
 JVP_MAX_TANGENTS = 16
 # what one batched test-side call (Jacobians or derivatives at nodes) may hold at most: its fixed
