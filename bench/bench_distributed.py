@@ -36,10 +36,10 @@ QUERIES = ["influence on test[*] by step", "influence on test[0..3] by example, 
 def timed(run, text: str, client=None, chunks: int | None = None):
     """(seconds, frame, step chunks, engine seconds summed over chunks) of one query; ``client`` None: local."""
     t0 = time.perf_counter()
-    bound, eng, plan = prepare(run, text)
+    bound, facts, plan = prepare(run, text)
     if client is not None:
-        plan = dist.distribute(plan, run, eng, client, None, chunks=chunks)
-    frame = compute(run, bound, eng, plan)
+        plan = dist.distribute(plan, run, facts, client, None, chunks=chunks)
+    frame = compute(run, bound, facts, plan)
     j = len(plan.distribution.chunks) if client is not None else 0
     return time.perf_counter() - t0, frame, j, run.cache.last_stats["seconds"]
 

@@ -47,8 +47,8 @@ def explain(run_or_path: Run | str | os.PathLike, text: str, scheduler: Any = No
             **params: Any) -> str:
     """The physical plan of a query, with each pass's decision, without running it."""
     run = _as_run(run_or_path, trust)
-    bound, eng, plan = prepare(run, text, params, scheduler=scheduler)
-    return explain_text(run, bound, eng, plan)
+    bound, facts, plan = prepare(run, text, params, scheduler=scheduler)
+    return explain_text(run, bound, facts, plan)
 
 
 def expand_runs(runs: Iterable[Run | str | os.PathLike] | Mapping[str, Run | str | os.PathLike]

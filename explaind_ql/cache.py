@@ -55,6 +55,7 @@ class RunCache:
     replay: TensorCache = field(default_factory=lambda: TensorCache(REPLAY_CACHE_BYTES))  # replayed states
     drift: dict[int, Any] = field(default_factory=dict)  # replay drift at each stored state reached
     last_stats: dict = field(default_factory=dict)  # the last influence result's stats
+    model_facts: dict | None = None  # engine.facts: what planning reads of the model (outputs, ReLU sites)
 
     def clear(self) -> None:
         """Forget everything: the next query starts cold."""

@@ -43,6 +43,7 @@ import torch
 
 from . import progress
 from .engine import budget as engine_budget
+from .engine.facts import Facts
 from .engine.kernels import Engine, Groups, Request, Result, example_columns
 from .errors import ClusterError, ExplaindError
 from .run import Run
@@ -191,12 +192,12 @@ def _chunk(req: Request, c: int, d: int) -> tuple[Request, list[int]]:
                                carry_response=True), gbins
 
 
-def _response_bytes(run: Run, eng: Engine, leaves: list[Request], bounds: tuple[int, ...]) -> int:
-    itemsize = torch.empty((), dtype=eng.dtype).element_size()
+def _response_bytes(run: Run, facts: Facts, leaves: list[Request], bounds: tuple[int, ...]) -> int:
+    itemsize = torch.empty((), dtype=facts.dtype).element_size()
     most = 0
     for req in leaves:
         n_sel = sum(run.space.by_name[n].numel for n in req.params)
-        T = len(eng.target_labels(req.target))
+        T = len(facts.target_labels(req.target))
         n_ex = (run.split_size("train") if req.examples is None else len(req.examples)) if req.data else 0
         for c, d in zip(bounds[:-1], bounds[1:]):
             bins = len(_chunk(req, c, d)[1])
@@ -204,7 +205,7 @@ def _response_bytes(run: Run, eng: Engine, leaves: list[Request], bounds: tuple[
     return most
 
 
-def distribute(plan, run: Run, eng: Engine, scheduler: Any, device: str | None, chunks: int | None = None):
+def distribute(plan, run: Run, facts: Facts, scheduler: Any, device: str | None, chunks: int | None = None):
     """``plan`` made to run on the cluster at ``scheduler``: its step chunks and per-chunk strategy.
 
     ``device`` is the query's pinned device (None: each worker's GPU when it has one);
@@ -223,15 +224,15 @@ def distribute(plan, run: Run, eng: Engine, scheduler: Any, device: str | None, 
     per_chunk = PER_CHUNK.get(strategy, strategy)
     tree = plan.chunks
     if per_chunk != strategy:
-        tree = engine_budget.plan(eng, dataclasses.replace(req, strategy=per_chunk), plan.budget)
+        tree = engine_budget.plan(facts, dataclasses.replace(req, strategy=per_chunk), plan.budget)
     leaves = tree.leaves()
     want = chunks or CHUNKS_PER_THREAD * threads
     bounds, aligned = chunk_bounds(run, req.a, req.b, want)
-    resp = _response_bytes(run, eng, leaves, bounds)
+    resp = _response_bytes(run, facts, leaves, bounds)
     while chunks is None and run.dense and resp > plan.budget // 2 and len(bounds) - 1 < req.b - req.a:
         want *= 2  # smaller chunks hold fewer step bins in their response
         bounds, aligned = chunk_bounds(run, req.a, req.b, want)
-        resp = _response_bytes(run, eng, leaves, bounds)
+        resp = _response_bytes(run, facts, leaves, bounds)
     dist = Distribution(address, bounds, aligned, len(nthreads), threads, device, per_chunk, resp, client)
     what = f"{len(bounds) - 1} step chunks on {address}"
     if per_chunk != strategy:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .engine import budget as engine_budget
+from .engine.facts import Facts, facts_for
 from .engine.kernels import Engine, Request
 from .engine.reconstruct import update_errors
 from .engine.targets import TargetSpec
@@ -40,8 +41,9 @@ def engine_for(run: Run, device: str, dtype: torch.dtype) -> Engine:
 
 
 def prepare(run: Run, text: str, params: dict[str, Any] | None = None, rules: Sequence[Rule] = RULES,
-            scheduler: Any = None) -> tuple[Bound, Engine, Plan | None]:
-    """Parse, bind and plan. ``scheduler`` (or the query's ``using cluster``) distributes the plan.
+            scheduler: Any = None) -> tuple[Bound, Facts, Plan | None]:
+    """Parse, bind and plan, from the run's metadata: no model is built until the query runs.
+    ``scheduler`` (or the query's ``using cluster``) distributes the plan.
 
     ``check``, ``similarity`` and ``evaluate`` always run locally.
     """
@@ -49,54 +51,57 @@ def prepare(run: Run, text: str, params: dict[str, Any] | None = None, rules: Se
     bound = bind(q, run, distributed=scheduler is not None)
     remote = distributed.scheduler_for(scheduler, bound.cluster)
     gpu_elsewhere = remote is not None and bound.device.startswith("cuda") and not torch.cuda.is_available()
-    eng = engine_for(run, "cpu" if gpu_elsewhere else bound.device, bound.dtype)  # with a cluster: plans only
+    facts = facts_for(run, "cpu" if gpu_elsewhere else bound.device, bound.dtype)  # with a cluster: plans only
     if bound.measure not in ("influence", "kernel"):
-        return bound, eng, None
-    return bound, eng, optimise(bound, run, eng, rules=rules, scheduler=remote,
-                                device=bound.device if bound.device_pinned else None)
+        return bound, facts, None
+    return bound, facts, optimise(bound, run, facts, rules=rules, scheduler=remote,
+                                  device=bound.device if bound.device_pinned else None)
 
 
 def run_query(run: Run, text: str, params: dict[str, Any] | None = None, rules: Sequence[Rule] = RULES,
               scheduler: Any = None) -> pl.DataFrame:
-    bound, eng, plan = prepare(run, text, params, rules, scheduler)
+    bound, facts, plan = prepare(run, text, params, rules, scheduler)
     if bound.query.explain == "plan":
-        return pl.DataFrame({"plan": explain_text(run, bound, eng, plan).split("\n")})
+        return pl.DataFrame({"plan": explain_text(run, bound, facts, plan).split("\n")})
     if bound.query.explain == "analyze":
-        return pl.DataFrame({"plan": analyze(run, bound, eng, plan).split("\n")})
-    return compute(run, bound, eng, plan)
+        return pl.DataFrame({"plan": analyze(run, bound, facts, plan).split("\n")})
+    return compute(run, bound, facts, plan)
 
 
-def compute(run: Run, bound: Bound, eng: Engine, plan: Plan | None) -> pl.DataFrame:
+def compute(run: Run, bound: Bound, facts: Facts, plan: Plan | None) -> pl.DataFrame:
+    """Run a planned query: the engine is built (or taken from the run's cache) here."""
+    if plan is not None and plan.distribution is not None:
+        result = distributed.execute(run, plan)
+        run.cache.last_stats = result.stats
+        return influence_frame(result, plan, run)
+    eng = engine_for(run, str(facts.device), facts.dtype)
     if plan is not None:
-        if plan.distribution is not None:
-            result = distributed.execute(run, plan)
-        else:
-            result = engine_budget.execute(eng, plan.chunks)
+        result = engine_budget.execute(eng, plan.chunks)
         run.cache.last_stats = result.stats
         return influence_frame(result, plan, run)
     return {"check": check_frame, "similarity": similarity_frame, "evaluate": evaluate_frame}[bound.measure](
         run, bound, eng)
 
 
-def explain_text(run: Run, bound: Bound, eng: Engine, plan: Plan | None) -> str:
+def explain_text(run: Run, bound: Bound, facts: Facts, plan: Plan | None) -> str:
     if plan is None:
         return (f"{bound.measure.capitalize()}  steps {bound.a}:{bound.b}, {len(bound.test_items)} "
                 f"{bound.target_split} items, {len(bound.params)} param tensors (runs the model directly)")
-    return render(plan, run, eng)
+    return render(plan, run, facts)
 
 
-def analyze(run: Run, bound: Bound, eng: Engine, plan: Plan | None) -> str:
+def analyze(run: Run, bound: Bound, facts: Facts, plan: Plan | None) -> str:
     """Run the query and add measured time and memory per node to the plan."""
     rss0 = psutil.Process().memory_info().rss
-    if eng.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(eng.device)
+    cuda = facts.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(facts.device)
     t0 = time.perf_counter()
-    frame = compute(run, bound, eng, plan)
+    frame = compute(run, bound, facts, plan)
     total = time.perf_counter() - t0
-    mem = (torch.cuda.max_memory_allocated(eng.device) if eng.device.type == "cuda"
-           else max(0, psutil.Process().memory_info().rss - rss0))
+    mem = torch.cuda.max_memory_allocated(facts.device) if cuda else max(0, psutil.Process().memory_info().rss - rss0)
     if plan is None:
-        return explain_text(run, bound, eng, plan) + f"\nanalyzed: {total:.3f} s, {frame.height} rows"
+        return explain_text(run, bound, facts, plan) + f"\nanalyzed: {total:.3f} s, {frame.height} rows"
     st = run.cache.last_stats
     fmt = engine_budget.fmt_bytes
     test_s, traj_s = st.get("test_seconds", 0.0), st.get("trajectory_seconds", 0.0)
@@ -113,10 +118,10 @@ def analyze(run: Run, bound: Bound, eng: Engine, plan: Plan | None) -> str:
         "distributed": f"{st.get('wall_seconds', 0.0):.3f} s wall, {st.get('chunks', 1)} tasks on "
                        f"{len(st.get('worker_pids', []))} worker process(es)",
         "summary": f"{total:.3f} s total, memory +{engine_budget.fmt_bytes(mem)} "
-                   f"({'peak CUDA' if eng.device.type == 'cuda' else 'resident growth'})"
+                   f"({'peak CUDA' if cuda else 'resident growth'})"
                    + (f"; {line}" if (line := residual_line(st)) else ""),
     }
-    return render(plan, run, eng, measured)
+    return render(plan, run, facts, measured)
 
 
 # -- check --------------------------------------------------------------------------------------
@@ -128,9 +133,9 @@ def check_frame(run: Run, bound: Bound, eng: Engine) -> pl.DataFrame:
     names = tuple(run.space.names)
     req = Request(bound.a, bound.b, target, names, tuple(0 for _ in names), 1, nodes=bound.nodes,
                   tolerance=bound.tolerance)
-    req = replace(req, strategy=cheapest(req, run, eng)[0])  # one group: `project` needs three directions, not φ
+    req = replace(req, strategy=cheapest(req, run, eng.facts)[0])  # one group: `project` needs three directions, not φ
     budget = bound.budget or engine_budget.default_budget(eng.device)
-    r = engine_budget.execute(eng, engine_budget.plan(eng, req, budget))
+    r = engine_budget.execute(eng, engine_budget.plan(eng.facts, req, budget))
     explained = r.total().cpu()
     actual = r.actual.cpu()
     upd = update_errors(eng, bound.a, bound.b)
@@ -155,9 +160,9 @@ def similarity_frame(run: Run, bound: Bound, eng: Engine) -> pl.DataFrame:
     target = TargetSpec(bound.target_kind, bound.target_split, bound.test_items, bound.output, keep_test=True)
     req = Request(bound.a, bound.b, target, bound.params, tuple(range(len(bound.params))), len(bound.params),
                   by_element=True, nodes=bound.nodes, tolerance=bound.tolerance)
-    req = replace(req, strategy=cheapest(req, run, eng)[0])
+    req = replace(req, strategy=cheapest(req, run, eng.facts)[0])
     budget = bound.budget or engine_budget.default_budget(eng.device)
-    r = engine_budget.execute(eng, engine_budget.plan(eng, req, budget))
+    r = engine_budget.execute(eng, engine_budget.plan(eng.facts, req, budget))
     vec = (r.gradient.sum((0, 2)) + r.weight_decay.sum(0) + r.momentum.sum(0)).cpu()  # (T, P_sel)
     space = run.space.subspace(list(bound.params))
     layers: dict[str, list[int]] = {}

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
+from .engine.facts import MODEL_FACTS, measured
 from .errors import RecordingError, VerificationError
 from .factory import check_factory, derive_factory
 from .losses import LossSpec
@@ -131,6 +132,7 @@ class Recorder:
             "params": self.space.to_json(), "constants": self._constant_names(model),
             "checkpoint_every": None if self.dense else self.every, "splits": list(self.splits),
             "n_groups": len(optimizer.param_groups),
+            MODEL_FACTS: self._model_facts(model, train[0][:1], first),
         }
         self.writer = StoreWriter(path, attrs, len(optimizer.param_groups), self.space.size, self.dtype,
                                   self.spec.buffers, chunk_steps, chunk_steps if self.dense else 1,
@@ -192,6 +194,16 @@ class Recorder:
             bufs[b] = torch.cat(parts).clone()
         step = int(self._param_state(self._params[0]).get("step", 0)) if self.spec.model.counts_steps else 0
         return OptState(bufs, step, has_buf)
+
+    @staticmethod
+    def _model_facts(model: torch.nn.Module, x: torch.Tensor, param: torch.Tensor) -> dict:
+        """What the planner reads of the model (engine.facts), from one forward pass on the first train item."""
+        x = x.to(param.device, param.dtype) if x.is_floating_point() else x.to(param.device)
+        try:
+            return measured(model, x)
+        except Exception as exc:  # noqa: BLE001 - the user's forward pass may raise anything
+            raise RecordingError(f"the model's forward pass on the first train item failed ({type(exc).__name__}: "
+                                 f"{exc}); train must hold the model's inputs") from None
 
     # -- the loop ----------------------------------------------------------------------------
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:

@@ -11,7 +11,8 @@ import torch
 import explaind_ql as eq
 from explaind_ql.engine.budget import Leaf, Split
 from explaind_ql.errors import ExplaindError, QueryError, SemanticError
-from explaind_ql.execute import engine_for, run_query
+from explaind_ql.engine.facts import MODEL_FACTS, facts_for, of_model_fn
+from explaind_ql.execute import run_query
 from explaind_ql.lang import parse
 from explaind_ql.engine.kernels import Engine
 from explaind_ql.plan import (RULES, WITHOUT_PUSHDOWN, Context, Node, aggregate_tests, choose_strategy,
@@ -106,7 +107,7 @@ def test_restriction_commutes(run, query):
 
 def _pass_fixture(run, text, rules):
     """The logical plan of ``text`` run through ``rules``: the input of the pass under test."""
-    ctx = Context(run, engine_for(run, "cpu", torch.float64))
+    ctx = Context(run, facts_for(run, "cpu", torch.float64))
     p = logical(bind(parse(text), run), run)
     for rule in rules:
         p = rule(p, ctx)
@@ -174,11 +175,11 @@ def test_explain_renders_the_plan_node_tree_after_each_pass(run):
     details = []
     for k in range(len(RULES) + 1):
         p, ctx = _pass_fixture(run, text, RULES[:k])
-        nodes = tree(p, run, ctx.engine)
+        nodes = tree(p, run, ctx.facts)
         assert tuple(map(_shape, nodes)) == expected
         contract = nodes[0].children[0]
         details.append((contract.detail.split()[0], *(c.detail for c in contract.children)))
-        lines = render(p, run, ctx.engine).split("\n")
+        lines = render(p, run, ctx.facts).split("\n")
         assert lines[:5] == [f"{prefix}{n.name}  {n.detail}" for prefix, n in zip(
             ("", "└─ ", "   ├─ ", "   ├─ ", "   └─ "), (nodes[0], contract, *contract.children))]
         assert len(p.decisions) == min(k, len(RULES) - 1)  # one line per pass, none from a local distribution
@@ -189,7 +190,7 @@ def test_explain_renders_the_plan_node_tree_after_each_pass(run):
     assert "aggregated" in details[2][1] and "kept" in details[1][1]  # test aggregation
     assert details[3][0] == "strategy=fold" and "folded backwards" in details[3][2]  # strategy choice
     assert details[4] == details[5] == details[3]  # chunking and (locally) distribution change no node
-    analyzed = render(p, run, ctx.engine, {"test": "1.0 s", "summary": "done"}).split("\n")
+    analyzed = render(p, run, ctx.facts, {"test": "1.0 s", "summary": "done"}).split("\n")
     assert analyzed[2].endswith("  [1.0 s]") and analyzed[-1] == "analyzed: done"
 
 
@@ -201,15 +202,44 @@ def test_the_engine_runs_only_a_planned_strategy(run):
         Engine(run).run_request(p.request)
 
 
+@pytest.mark.parametrize("model,act", [("transformer", "relu"), ("mlp", "gelu"), ("cnn", "relu")])
+def test_the_recorded_model_facts_are_what_the_rebuilt_model_measures(toy_run, model, act):
+    """Planning reads outputs and ReLU sites from the store; they match the engine's own measurement."""
+    run = eq.open(toy_run(model, "adamw", act=act, steps=2))
+    recorded = run.attrs[MODEL_FACTS]
+    assert recorded == of_model_fn(Engine(run).fn, run.stored_state(0)[0].double(), run.split("train")[0][:1].double()
+                                   if run.split("train")[0].is_floating_point() else run.split("train")[0][:1])
+    assert bool(recorded["kink_segments"]) == (act == "relu")
+
+
+def test_explain_builds_no_model(toy_run, monkeypatch):
+    """explain plans from the run's metadata alone: the model is first built when a query runs."""
+    run = eq.open(toy_run("transformer", "adamw", act="relu", steps=STEPS))
+    monkeypatch.setattr(type(run), "build_model", lambda self: pytest.fail("the model was built to plan"))
+    text = run.explain("influence on test[*] by layer, step")
+    assert "corrected for every ReLU kink" in text and not run.cache.engines
+    monkeypatch.undo()
+    assert run.query("influence on test[*] by layer").height and run.cache.engines
+
+
+def test_a_store_without_model_facts_is_planned_from_its_rebuilt_model(toy_run):
+    """Stores recorded before model_facts existed: the model is rebuilt once to measure them, to the same plan."""
+    path = toy_run("transformer", "adamw", act="relu", steps=STEPS)
+    new, old = eq.open(path), eq.open(path)
+    del old.attrs[MODEL_FACTS]
+    text = "influence of layer emb on test[0..3] over steps 2:10 by example"
+    assert old.explain(text) == new.explain(text) and old.cache.model_facts == new.attrs[MODEL_FACTS]
+
+
 def test_rules_override(run):
     """optimise runs the passes it is given, in order; the default is RULES."""
     b = bind(parse("influence of layer emb on test[0..3] by layer"), run)
-    eng = engine_for(run, "cpu", torch.float64)
-    assert [d[0] for d in optimise(b, run, eng).decisions] == [  # distribution: only with a scheduler
+    facts = facts_for(run, "cpu", torch.float64)
+    assert [d[0] for d in optimise(b, run, facts).decisions] == [  # distribution: only with a scheduler
         "restriction pushdown", "test aggregation", "strategy choice", "chunking"]
-    only = optimise(b, run, eng, rules=(pushdown_restrictions,))
+    only = optimise(b, run, facts, rules=(pushdown_restrictions,))
     assert [d[0] for d in only.decisions] == ["restriction pushdown"] and only.chunks is None
-    assert [d[0] for d in optimise(b, run, eng, rules=WITHOUT_PUSHDOWN).decisions][0] == "test aggregation"
+    assert [d[0] for d in optimise(b, run, facts, rules=WITHOUT_PUSHDOWN).decisions][0] == "test aggregation"
 
 
 def test_explain_and_analyze(run):

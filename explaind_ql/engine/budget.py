@@ -14,6 +14,7 @@ import psutil
 import torch
 
 from ..errors import BudgetError
+from .facts import Facts
 from .kernels import GROUP_LOOP_MAX, Request, Result
 
 SAFE_FRACTION = 0.5
@@ -215,31 +216,31 @@ def refuse(req: Request, need: int, budget: int) -> BudgetError:
                        "with 'using budget ...'")
 
 
-def _sizes(engine, req: Request) -> tuple[list[str], int, int, int]:
-    run = engine.run
+def _sizes(facts: Facts, req: Request) -> tuple[list[str], int, int, int]:
+    run = facts.run
     sel = [n for n in run.space.names if n in set(req.params)]
-    return (sel, sum(run.space.by_name[n].numel for n in sel), len(engine.target_labels(req.target)),
-            torch.empty((), dtype=engine.dtype).element_size())
+    return (sel, sum(run.space.by_name[n].numel for n in sel), len(facts.target_labels(req.target)),
+            torch.empty((), dtype=facts.dtype).element_size())
 
 
-def answer(engine, req: Request) -> Output:
+def answer(facts: Facts, req: Request) -> Output:
     """The answer's size for the whole request (before any chunking)."""
-    _, n_sel, n_targets, itemsize = _sizes(engine, req)
-    return output(req, n_sel, n_targets, engine.run.split_size("train"), max(itemsize, 8))
+    _, n_sel, n_targets, itemsize = _sizes(facts, req)
+    return output(req, n_sel, n_targets, facts.run.split_size("train"), max(itemsize, 8))
 
 
-def plan(engine, req: Request, budget: int) -> Chunks:
-    """The chunk tree for ``req`` under ``budget``."""
-    run = engine.run
-    sel, n_sel, n_targets, itemsize = _sizes(engine, req)
-    need = estimate(req, run.space.size, n_sel, n_targets, run.split_size("train"), engine.max_batch, itemsize)
+def plan(facts: Facts, req: Request, budget: int) -> Chunks:
+    """The chunk tree for ``req`` under ``budget`` (``facts``: the run on its device, no model needed)."""
+    run = facts.run
+    sel, n_sel, n_targets, itemsize = _sizes(facts, req)
+    need = estimate(req, run.space.size, n_sel, n_targets, run.split_size("train"), facts.max_batch, itemsize)
     if need <= budget:
         return Leaf(req, need)
     nxt = split(req, sel)
     if nxt is None:
         raise refuse(req, need, budget)
     axis, parts = nxt
-    return Split(axis, tuple(plan(engine, p, budget) for p in parts))
+    return Split(axis, tuple(plan(facts, p, budget) for p in parts))
 
 
 def execute(engine, tree: Chunks) -> Result:

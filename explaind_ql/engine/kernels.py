@@ -36,6 +36,7 @@ from ..optim import LinearStep
 from ..params import ParamSpace
 from ..run import Run
 from . import quadrature, targets
+from .facts import facts_for, of_model_fn
 from .model_fn import ModelFn, Path
 from .targets import TargetSpec
 from .trajectory import StepRecord, Trajectory
@@ -128,13 +129,15 @@ class Engine:
         self.traj = Trajectory(run, self.device, dtype)
         self._split_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.theta0 = run.stored_state(0)[0].to(self.device, dtype)
-        self.n_out = int(self.fn.forward(self.theta0, self.split(run.splits[0])[0][:1]).reshape(1, -1).shape[1])
-        self.max_batch = int(run.step_var("batch_size").max()) if run.n_steps else 1
-        # ReLU-family inputs per call of one item's forward pass: where the integrand can have kinks
-        self.kink_segments = self.fn.kink_segments(self.theta0, self.split(run.splits[0])[0][:1])
+        self.facts = facts_for(run, self.device, dtype,
+                               lambda: of_model_fn(self.fn, self.theta0, self.split(run.splits[0])[0][:1]))
+        # outputs per item; ReLU-family inputs per call of one item's forward pass (where the integrand can
+        # have kinks); the largest recorded batch
+        self.n_out, self.kink_segments, self.max_batch = (self.facts.n_out, self.facts.kink_segments,
+                                                          self.facts.max_batch)
 
     def target_labels(self, spec: TargetSpec) -> list[tuple[int | None, int | None]]:
-        return targets.labels(spec, self.n_out)
+        return self.facts.target_labels(spec)
 
     # -- inputs ------------------------------------------------------------------------------
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -229,6 +229,13 @@ def _with_jumps(f: Callable[[], torch.Tensor], jumps: Jumps) -> torch.Tensor:
     return w * value + slope
 
 
+def forward_facts(call: Callable[[], torch.Tensor]) -> tuple[int, tuple[int, ...]]:
+    """(outputs per item, ReLU-family inputs of each kinked call, in call order) of the forward pass ``call()``."""
+    with torch.no_grad(), _ReluInputs() as seen:
+        out = call()
+    return int(out.reshape(out.shape[0], -1).shape[1]), tuple(z.numel() for z in seen.z)
+
+
 def _hardtanh_bounds(args, kwargs) -> tuple[float, float]:
     lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
     hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
@@ -304,9 +311,7 @@ class ModelFn:
 
     def kink_segments(self, theta_full: torch.Tensor, x: torch.Tensor) -> tuple[int, ...]:
         """How many ReLU-family inputs each kinked call of a forward pass on ``x`` has, in call order."""
-        with torch.no_grad(), _ReluInputs() as seen:
-            self._call(theta_full, None, None, x)
-        return tuple(z.numel() for z in seen.z)
+        return forward_facts(lambda: self._call(theta_full, None, None, x))[1]
 
     def live_sites(self, theta_full: torch.Tensor, target: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(L, U) for each lane's ReLU inputs: whether that unit's output reaches the lane's targets.

@@ -9,7 +9,8 @@ measured once: they rank strategies, they do not time them.
 from __future__ import annotations
 
 from ..engine import budget as engine_budget
-from ..engine.kernels import JVP_MAX_TANGENTS, Engine, Request
+from ..engine.facts import Facts
+from ..engine.kernels import JVP_MAX_TANGENTS, Request
 from ..run import Run
 
 FLOPS_PER_PARAM = 6  # forward + backward, per parameter and item: a rough, documented constant
@@ -21,16 +22,16 @@ FOLD_TANGENTS_PER_TARGET = 3  # a folded batch JVP carries φ, the decay and the
 MOMENTUM_BATCH_PASSES = 3  # batch passes per step of the momentum strategy (a rough order, like FLOPS_PER_PARAM)
 
 
-def estimate_costs(req: Request, run: Run, engine: Engine) -> dict[str, float]:
+def estimate_costs(req: Request, run: Run, facts: Facts) -> dict[str, float]:
     """FLOPs of each applicable strategy (for the choice and for explain)."""
     space = run.space
     p_total = space.size
     steps = req.b - req.a
-    t_eff = len(engine.target_labels(req.target)) if req.target.keep_test else 1
+    t_eff = len(facts.target_labels(req.target)) if req.target.keep_test else 1
     items = len(req.target.items)
     sel = sum(space.by_name[n].numel for n in req.params)
     nodes = engine_budget.expected_nodes(req)
-    rows = len(engine.target_labels(req.target))  # Jacobian rows per node
+    rows = len(facts.target_labels(req.target))  # Jacobian rows per node
     per_item_rows = rows / items if req.target.keep_test else rows
     test_side = steps * nodes * (items * (2 + 4 * per_item_rows) * p_total + JAC_TRAFFIC * rows * sel)
     costs = {}
@@ -42,7 +43,7 @@ def estimate_costs(req: Request, run: Run, engine: Engine) -> dict[str, float]:
             costs["project"] = (steps * nodes * items * (2 + 4 * min(k, per_item_rows)) * p_total
                                 + steps * UPDATE_FLOPS * p_total)
         return costs
-    batch = engine.max_batch
+    batch = facts.max_batch
     n_ex = run.split_size("train") if req.examples is None else len(req.examples)
     frac = min(1.0, n_ex / max(1, run.split_size("train")))
     g = sel if req.by_element else req.n_groups
@@ -56,9 +57,9 @@ def estimate_costs(req: Request, run: Run, engine: Engine) -> dict[str, float]:
     return costs
 
 
-def cheapest(req: Request, run: Run, engine: Engine) -> tuple[str, dict[str, float]]:
+def cheapest(req: Request, run: Run, facts: Facts) -> tuple[str, dict[str, float]]:
     """The cheapest strategy that computes the request's axes (fold on a tie), and every estimate."""
-    costs = estimate_costs(req, run, engine)
+    costs = estimate_costs(req, run, facts)
     return min(costs, key=lambda k: (costs[k], k != "fold")), costs
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..engine import budget as engine_budget
-from ..engine.kernels import Engine
+from ..engine.facts import Facts
 from ..engine.quadrature import KINKED_NODES
 from ..run import Run
 from .cost import fmt_flops
@@ -31,11 +31,11 @@ class Node:
     notes: tuple[str, ...] = ()  # continuation lines, indented under the node
 
 
-def _quadrature(plan: Plan, engine: Engine) -> str:
+def _quadrature(plan: Plan, facts: Facts) -> str:
     req = plan.request
     if req.tolerance is None:
         quad = f"{'midpoint' if req.rule == 'midpoint' else 'Gauss–Legendre'} {req.nodes} nodes, fixed (not adaptive)"
-    elif engine.kink_segments:
+    elif facts.kink_segments:
         quad = (f"Gauss–Legendre {max(req.nodes, KINKED_NODES)} nodes per step corrected for every ReLU kink, "
                 f"cut where two layers' kinks meet, halved where that misses the exact change (summed items "
                 f"without kinks in a step: {req.nodes} nodes on one lane); adaptive to {req.tolerance:g}")
@@ -47,7 +47,7 @@ def _quadrature(plan: Plan, engine: Engine) -> str:
     return quad
 
 
-def tree(plan: Plan, run: Run, engine: Engine) -> tuple[Node, ...]:
+def tree(plan: Plan, run: Run, facts: Facts) -> tuple[Node, ...]:
     """The plan's operators: the measure over one contraction of test side, train side and trajectory
     (and, on a cluster, how its step chunks run)."""
     b, req, t, space = plan.bound, plan.request, plan.request.target, run.space
@@ -65,7 +65,7 @@ def tree(plan: Plan, run: Run, engine: Engine) -> tuple[Node, ...]:
                                 f"{fmt_flops(plan.costs.get(strategy, 0.0))}, {engine_budget.fmt_bytes(need)}",
                     "contract", (
                         Node("TestSide", f"{t.kind}({t.split}, {len(t.items)} items) "
-                                         f"{'kept' if t.keep_test else 'aggregated'}; {_quadrature(plan, engine)}",
+                                         f"{'kept' if t.keep_test else 'aggregated'}; {_quadrature(plan, facts)}",
                              "test"),
                         Node("TrainSide", train, "train"),
                         Node("Trajectory", f"steps {req.a}:{req.b} of {run.n_steps}; params {len(req.params)} of "
@@ -90,10 +90,10 @@ def _lines(node: Node, measured: dict, lead: str = "", branch: str = "") -> list
     return out
 
 
-def render(plan: Plan, run: Run, engine: Engine, analyzed: dict | None = None) -> str:
+def render(plan: Plan, run: Run, facts: Facts, analyzed: dict | None = None) -> str:
     """The plan's node tree, each pass's decision, and with ``analyzed`` what each node measured."""
     a = analyzed or {}
-    lines = [line for node in tree(plan, run, engine) for line in _lines(node, a)]
+    lines = [line for node in tree(plan, run, facts) for line in _lines(node, a)]
     lines.append("passes:")
     lines += [f"  {i + 1}. {name}: {what}" for i, (name, what) in enumerate(plan.decisions)]
     if plan.post_filter:

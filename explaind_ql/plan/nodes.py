@@ -10,19 +10,21 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..engine import budget as engine_budget
-from ..engine.kernels import Engine, Request
+from ..engine.facts import Facts
+from ..engine.kernels import Request
 from ..run import Run
 from ..semantic import Bound
 
 
 @dataclass(frozen=True)
 class Context:
-    """What every pass may read: the run, the engine it plans for, the query's memory budget, and the
+    """What every pass may read: the run and its facts on the device it plans for (no model is built to plan),
+    the query's memory budget, and the
     cluster to distribute to (``scheduler``: an address or a Dask client; None runs locally) with the
     query's pinned device there (None: each worker's GPU when it has one)."""
 
     run: Run
-    engine: Engine
+    facts: Facts
     budget: int | None = None
     scheduler: Any = None
     device: str | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from ..engine.kernels import Engine
+from ..engine.facts import Facts
 from ..run import Run
 from ..semantic import Bound
 from .logical import logical
@@ -16,10 +16,10 @@ RULES: tuple[Rule, ...] = (pushdown_restrictions, aggregate_tests, choose_strate
 WITHOUT_PUSHDOWN: tuple[Rule, ...] = RULES[1:]  # computes everything, then filters: what pushdown is checked against
 
 
-def optimise(bound: Bound, run: Run, engine: Engine, *, rules: Sequence[Rule] = RULES, scheduler: Any = None,
+def optimise(bound: Bound, run: Run, facts: Facts, *, rules: Sequence[Rule] = RULES, scheduler: Any = None,
              device: str | None = None) -> Plan:
     """Logical plan → physical plan, through ``rules`` in order (``scheduler``: the cluster to distribute to)."""
-    ctx = Context(run, engine, bound.budget, scheduler, device)
+    ctx = Context(run, facts, bound.budget, scheduler, device)
     p = logical(bound, run)
     for rule in rules:
         p = rule(p, ctx)

@@ -15,17 +15,17 @@ MIN_CALL_BYTES = 1 << 20  # ... but never less: below it a call's fixed cost dom
 
 def chunk_under_budget(plan: Plan, ctx: Context) -> Plan:
     """Chunks that each fit the memory budget beside the answer, or a refusal naming the axis to narrow."""
-    engine = ctx.engine
-    limit = ctx.budget or engine_budget.default_budget(engine.device)
+    facts = ctx.facts
+    limit = ctx.budget or engine_budget.default_budget(facts.device)
     # a GPU's arithmetic per row is so fast that a call's fixed cost needs more rows to amortise
-    cap = CALL_BYTES if engine.device.type == "cpu" else GPU_CALL_FACTOR * CALL_BYTES
+    cap = CALL_BYTES if facts.device.type == "cpu" else GPU_CALL_FACTOR * CALL_BYTES
     # the answer (merged result and frame) is held beside the largest chunk's working set
-    out = engine_budget.answer(engine, plan.request)
+    out = engine_budget.answer(facts, plan.request)
     if out.bytes >= limit:
         raise engine_budget.refuse_output(out, limit)
     room = limit - out.bytes
     req = replace(plan.request, call_bytes=min(cap, max(MIN_CALL_BYTES, room // CALL_SHARE)))
-    tree = engine_budget.plan(engine, req, room)
+    tree = engine_budget.plan(facts, req, room)
     n = len(tree.leaves())
     need = tree.max_bytes
     fmt = engine_budget.fmt_bytes

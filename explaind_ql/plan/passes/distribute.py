@@ -10,4 +10,4 @@ def distribute(plan: Plan, ctx: Context) -> Plan:
     """Split the chunked plan into step chunks for the Dask workers of ``ctx.scheduler`` (when there is one)."""
     if ctx.scheduler is None:
         return plan
-    return distributed.distribute(plan, ctx.run, ctx.engine, ctx.scheduler, ctx.device)
+    return distributed.distribute(plan, ctx.run, ctx.facts, ctx.scheduler, ctx.device)

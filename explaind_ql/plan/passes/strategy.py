@@ -10,7 +10,7 @@ from ..nodes import Context, Plan
 
 def choose_strategy(plan: Plan, ctx: Context) -> Plan:
     """``delta`` / ``project`` / ``fold`` / ``momentum``: the cheapest that computes the requested axes."""
-    best, costs = cheapest(plan.request, ctx.run, ctx.engine)
+    best, costs = cheapest(plan.request, ctx.run, ctx.facts)
     why = ", ".join(f"{k} {fmt_flops(v)}" for k, v in costs.items())
     return plan.decide("strategy choice", f"{best} ({why})", request=replace(plan.request, strategy=best),
                        costs=costs)
