@@ -200,7 +200,7 @@ class Recorder:
         """What the planner reads of the model (engine.facts), from one forward pass on the first train item."""
         x = x.to(param.device, param.dtype) if x.is_floating_point() else x.to(param.device)
         try:
-            return measured(model, x)
+            return measured(lambda: model(x))
         except Exception as exc:  # noqa: BLE001 - the user's forward pass may raise anything
             raise RecordingError(f"the model's forward pass on the first train item failed ({type(exc).__name__}: "
                                  f"{exc}); train must hold the model's inputs") from None

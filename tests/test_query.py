@@ -11,7 +11,7 @@ import torch
 import explaind_ql as eq
 from explaind_ql.engine.budget import Leaf, Split
 from explaind_ql.errors import ExplaindError, QueryError, SemanticError
-from explaind_ql.engine.facts import MODEL_FACTS, facts_for, of_model_fn
+from explaind_ql.engine.facts import MODEL_FACTS, facts_for, measured
 from explaind_ql.execute import run_query
 from explaind_ql.lang import parse
 from explaind_ql.engine.kernels import Engine
@@ -207,8 +207,9 @@ def test_the_recorded_model_facts_are_what_the_rebuilt_model_measures(toy_run, m
     """Planning reads outputs and ReLU sites from the store; they match the engine's own measurement."""
     run = eq.open(toy_run(model, "adamw", act=act, steps=2))
     recorded = run.attrs[MODEL_FACTS]
-    assert recorded == of_model_fn(Engine(run).fn, run.stored_state(0)[0].double(), run.split("train")[0][:1].double()
-                                   if run.split("train")[0].is_floating_point() else run.split("train")[0][:1])
+    fn, x = Engine(run).fn, run.split("train")[0][:1]
+    x = x.double() if x.is_floating_point() else x
+    assert recorded == measured(lambda: fn._call(run.stored_state(0)[0].double(), None, None, x))
     assert bool(recorded["kink_segments"]) == (act == "relu")
 
 

@@ -36,15 +36,9 @@ class Facts:
         return targets.labels(spec, self.n_out)
 
 
-def measured(model: torch.nn.Module, x: torch.Tensor) -> dict:
-    """The ``model_facts`` of a live model, from one forward pass on ``x`` (one item)."""
-    n_out, segments = forward_facts(lambda: model(x))
-    return {"outputs": n_out, "kink_segments": list(segments)}
-
-
-def of_model_fn(fn: ModelFn, theta: torch.Tensor, x: torch.Tensor) -> dict:
-    """The ``model_facts`` of a rebuilt model at ``theta``, from one forward pass on ``x`` (one item)."""
-    n_out, segments = forward_facts(lambda: fn._call(theta, None, None, x))
+def measured(forward: Callable[[], torch.Tensor]) -> dict:
+    """The ``model_facts`` of one item's forward pass (the live model's, or a rebuilt one's at a state)."""
+    n_out, segments = forward_facts(forward)
     return {"outputs": n_out, "kink_segments": list(segments)}
 
 
@@ -52,7 +46,8 @@ def _rebuilt(run: Run) -> dict:
     """``model_facts`` of a store recorded without them: its model rebuilt, at its first state."""
     fn = ModelFn(run.build_model(), run.space, run.constants, run.loss, torch.device("cpu"), torch.float64)
     x = run.split(run.splits[0])[0][:1]
-    return of_model_fn(fn, run.stored_state(0)[0].to(torch.float64), x.to(torch.float64) if x.is_floating_point() else x)
+    x = x.to(torch.float64) if x.is_floating_point() else x
+    return measured(lambda: fn._call(run.stored_state(0)[0].to(torch.float64), None, None, x))
 
 
 def facts_for(run: Run, device: torch.device | str, dtype: torch.dtype,

@@ -36,7 +36,7 @@ from ..optim import LinearStep
 from ..params import ParamSpace
 from ..run import Run
 from . import quadrature, targets
-from .facts import facts_for, of_model_fn
+from .facts import facts_for, measured
 from .model_fn import ModelFn, Path
 from .targets import TargetSpec
 from .trajectory import StepRecord, Trajectory
@@ -129,8 +129,8 @@ class Engine:
         self.traj = Trajectory(run, self.device, dtype)
         self._split_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.theta0 = run.stored_state(0)[0].to(self.device, dtype)
-        self.facts = facts_for(run, self.device, dtype,
-                               lambda: of_model_fn(self.fn, self.theta0, self.split(run.splits[0])[0][:1]))
+        first = self.split(run.splits[0])[0][:1]
+        self.facts = facts_for(run, self.device, dtype, lambda: measured(lambda: self.fn._call(self.theta0, None, None, first)))
         # outputs per item; ReLU-family inputs per call of one item's forward pass (where the integrand can
         # have kinks); the largest recorded batch
         self.n_out, self.kink_segments, self.max_batch = (self.facts.n_out, self.facts.kink_segments,
