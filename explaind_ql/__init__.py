@@ -36,7 +36,7 @@ def open(path, trust=None):  # noqa: A001 - the public name is part of the contr
 
 def load_ipython_extension(ipython) -> None:
     """`%load_ext explaind_ql`: registers the `%eql` / `%%eql` magics."""
-    from .ipython import load_ipython_extension as load
+    from .shells.ipython import load_ipython_extension as load
     load(ipython)
 
 

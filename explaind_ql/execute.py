@@ -26,7 +26,7 @@ from .engine.reconstruct import update_errors
 from .engine.targets import TargetSpec
 from .lang import parse
 from .plan import RULES, Plan, Rule, cheapest, optimise, render
-from .results import influence_frame, residual_line
+from .results.frames import influence_frame, residual_line
 from .run import Run
 from .semantic import Bound, bind
 

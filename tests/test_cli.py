@@ -22,8 +22,8 @@ import pytest
 from click.testing import CliRunner
 
 import explaind_ql as eq
-from explaind_ql.cli import main, typed_value, with_options
-from explaind_ql.formats import render_table
+from explaind_ql.shells.cli import main, typed_value, with_options
+from explaind_ql.results.formats import render_table
 from explaind_ql.lang import parse
 
 QUERY = "influence on test[0..1] by layer"
@@ -85,7 +85,7 @@ def test_help_does_not_import_torch():
     """`--help` (group and every command) must not pay for torch's import."""
     snippet = (
         "import sys\n"
-        "from explaind_ql import cli\n"
+        "from explaind_ql.shells import cli\n"
         "for args in (['--help'], *[[c, '--help'] for c in cli.main.commands]):\n"
         "    try:\n"
         "        cli.main(args, standalone_mode=False)\n"

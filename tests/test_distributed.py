@@ -26,8 +26,8 @@ from explaind_ql.execute import prepare
 distributed = pytest.importorskip("distributed")
 from click.testing import CliRunner  # noqa: E402
 
-from explaind_ql.cli import main  # noqa: E402
-from explaind_ql.repl import Repl  # noqa: E402
+from explaind_ql.shells.cli import main  # noqa: E402
+from explaind_ql.shells.repl import Repl  # noqa: E402
 
 STEPS = 12
 TERMS = ("gradient", "weight_decay", "momentum")

@@ -280,7 +280,7 @@ def test_relu_aggregated_items_agree_with_items_kept_and_report_their_true_resid
 
 def test_a_fixed_rule_reports_its_error_as_not_adaptive(toy_run):
     """`using quadrature 2` on a ReLU model: the residual line says the rule is fixed and gives its error."""
-    from explaind_ql.results import residual_line
+    from explaind_ql.results.frames import residual_line
     run = eq.open(toy_run("transformer", "adamw", act="relu", steps=STEPS))
     frame = run.query("influence on test[*] by layer using quadrature 2")
     st = run.cache.last_stats

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from explaind_ql.errors import ExplaindError
-from explaind_ql.plots import DPI, SIZE, plot, plot_kind
+from explaind_ql.results.plots import DPI, SIZE, plot, plot_kind
 
 PIXELS = (int(SIZE[0] * DPI), int(SIZE[1] * DPI))
 TERMS = ("gradient", "weight_decay")

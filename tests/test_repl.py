@@ -13,7 +13,7 @@ import pytest
 
 import explaind_ql as eq
 from explaind_ql import progress
-from explaind_ql.repl import Repl, statement_complete
+from explaind_ql.shells.repl import Repl, statement_complete
 
 # Distinct heavy queries (each several seconds; identical ones would hit the engine's caches),
 # submitted at once so there is a long-running query to interrupt.

@@ -409,7 +409,7 @@ def test_changed_param_names_or_shapes_are_store_errors(clean, tmp_path):
 
 def test_verify_cli(clean, tmp_path):
     from click.testing import CliRunner
-    from explaind_ql.cli import main
+    from explaind_ql.shells.cli import main
     ok = CliRunner().invoke(main, ["verify", str(clean)])
     assert ok.exit_code == 0 and "every checksum matches" in ok.output
     path = _copy(clean, tmp_path)

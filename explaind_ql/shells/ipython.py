@@ -54,8 +54,8 @@ def _split(line: str, query_required: bool = True) -> tuple[str, str]:
 def _open(ipython, ref: str):
     """The Run `ref` names: a notebook variable (Run or path) or a store path."""
     from IPython.core.error import UsageError
-    from . import open as open_run
-    from .run import Run
+    from .. import open as open_run
+    from ..run import Run
     value = ipython.user_ns.get(ref, ref) if ref.isidentifier() else ref
     if isinstance(value, Run):
         return value
@@ -71,8 +71,8 @@ def _open(ipython, ref: str):
 
 def _run_queries(ipython, run_ref: str, text: str):
     from IPython.core.error import UsageError
-    from .lang.script import script_queries
-    from .errors import ExplaindError
+    from ..lang.script import script_queries
+    from ..errors import ExplaindError
     params = {name: ipython.user_ns[name] for name in _VAR.findall(text)
               if isinstance(ipython.user_ns.get(name), (int, float, str))}
     try:

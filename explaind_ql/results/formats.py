@@ -87,7 +87,7 @@ def info_renderable(info: dict):
     from rich.table import Table
     from rich.tree import Tree
 
-    from .engine.budget import fmt_bytes
+    from ..engine.budget import fmt_bytes
 
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")

@@ -22,8 +22,8 @@ import sys
 import time
 from typing import Any
 
-from .formats import TEXT_FORMATS, format_from_path, frame_text, info_renderable, render_table, write_frame
-from .lang.script import script_queries
+from ..results.formats import TEXT_FORMATS, format_from_path, frame_text, info_renderable, render_table, write_frame
+from ..lang.script import script_queries
 
 HISTORY_ENV = "EXPLAIND_QL_HISTORY"
 DEFAULT_HISTORY = "~/.explaind_ql_history"
@@ -107,7 +107,7 @@ class Repl:
         return "\n\n".join(outputs)
 
     def _query(self, text: str) -> str:
-        from .results import residual_line
+        from ..results.frames import residual_line
         start = time.perf_counter()
         frame = self.run.query(text, scheduler=self.scheduler, **self.params)
         elapsed = time.perf_counter() - start
@@ -121,7 +121,7 @@ class Repl:
         return out
 
     def _reopen(self) -> None:
-        from . import open as open_run
+        from .. import open as open_run
         self.run = open_run(self.run.path)
 
     # ---------------------------------------------------------------- dot-commands
@@ -225,7 +225,7 @@ class Repl:
         return self._complete_query(text.rsplit(";", 1)[-1])
 
     def _complete_query(self, statement: str) -> tuple[str, list[str]]:
-        from .lang import expected_tokens
+        from ..lang import expected_tokens
         word = _WORD.search(statement).group()
         prefix = statement[: len(statement) - len(word)]
         previous = prefix.split()[-1].lower() if prefix.split() else ""
@@ -252,7 +252,7 @@ class Repl:
 def _message(exc: BaseException) -> str:
     """What the shell prints for an error: the package's own message, else its type too."""
     import click
-    from .errors import ExplaindError
+    from ..errors import ExplaindError
     if isinstance(exc, ExplaindError):
         return str(exc)
     if isinstance(exc, click.ClickException):
@@ -270,7 +270,7 @@ def history_path() -> str:
 
 def interact(run_path, fmt: str = "table", params: dict[str, Any] | None = None, scheduler: Any = None) -> None:
     """Run the shell on a terminal (prompt_toolkit), or over stdin's lines when piped."""
-    from . import open as open_run
+    from .. import open as open_run
     repl = Repl(open_run(run_path), fmt, params, scheduler)
     if not sys.stdin.isatty():
         _batch(repl)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from .engine.kernels import Result
-from .plan import Plan
-from .run import Run
+from ..engine.kernels import Result
+from ..plan import Plan
+from ..run import Run
 
 def _group_keys(plan: Plan, run: Run) -> dict[str, list]:
     """Per engine group: the param / element / layer key values it stands for."""

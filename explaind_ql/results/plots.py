@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import ExplaindError
+from ..errors import ExplaindError
 
 SIZE = (8.0, 5.0)  # inches
 DPI = 100          # so a PNG is 800 × 500 pixels

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import click
 
-from .formats import FORMATS, SUFFIX, TEXT_FORMATS, format_from_path, frame_text, info_renderable, write_frame
+from ..results.formats import FORMATS, SUFFIX, TEXT_FORMATS, format_from_path, frame_text, info_renderable, write_frame
 
 _INT = re.compile(r"[-+]?[0-9]+")
 _FLOAT = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
@@ -56,7 +56,7 @@ def with_options(text: str, params: dict[str, Any], device: str | None = None, d
         wanted["cluster"] = scheduler
     if not wanted:
         return text
-    from .lang import parse
+    from ..lang import parse
     query = parse(text, params)
     if query.options is not None:
         for name, value in list(wanted.items()):
@@ -91,7 +91,7 @@ def _echo_frame(frame, fmt: str) -> None:
 
 def expand_run_options(runs: Iterable[str]) -> dict[str, str]:
     """`--run` values (paths or globs) as run name -> path; every value must match a run."""
-    from .api import expand_runs
+    from ..api import expand_runs
     out: dict[str, str] = {}
     for pattern in runs:
         found = expand_runs([pattern])
@@ -109,7 +109,7 @@ class _Target:
     """What queries run on: one opened run, or several runs compared (`--run`)."""
 
     def __init__(self, run_path: str | None, runs: dict[str, str] | None):
-        from . import open as open_run
+        from .. import open as open_run
         # opened once: the REPL's queries then share each run's engine and cached results
         self.runs = None if runs is None else {name: open_run(path) for name, path in runs.items()}
         if runs is None:
@@ -117,13 +117,13 @@ class _Target:
 
     def query(self, text: str, params: dict[str, Any]):
         if self.runs is not None:
-            from .api import compare
+            from ..api import compare
             return compare(self.runs, text, **params)
         return self.run.query(text, **params)
 
     def echo_residual(self) -> None:
         """Under a result: the replication residual it achieved (stderr, so piped tables stay clean)."""
-        from .results import residual_line
+        from ..results.frames import residual_line
         line = None if self.runs is not None else residual_line(self.run.cache.take_stats())
         if line:
             click.echo(line, err=True)
@@ -141,7 +141,7 @@ def _split_args(args: tuple[str, ...], runs: tuple[str, ...], what: str, join: b
 
 def _checked(text: str, params: dict[str, Any]) -> str:
     """`text` once it parses: syntax errors are reported before torch is even imported."""
-    from .lang import parse
+    from ..lang import parse
     parse(text, params)
     return text
 
@@ -151,7 +151,7 @@ def _resolve_format(fmt: str | None, out: str | None) -> str:
 
 
 def _plot(frame, path: str) -> None:
-    from .plots import plot
+    from ..results.plots import plot
     plot(frame, path)
     click.echo(f"wrote plot {path}", err=True)
 
@@ -172,7 +172,7 @@ class _Group(click.Group):
         except Exception as exc:
             if os.environ.get("EXPLAIND_QL_TRACEBACK"):
                 raise
-            from .errors import ExplaindError
+            from ..errors import ExplaindError
             if isinstance(exc, ExplaindError):
                 click.echo(f"{getattr(exc, 'cli_context', '')}{exc}", err=True)
                 ctx.exit(exc.exit_code)
@@ -204,7 +204,7 @@ def _query_options(f):
 
 
 def _trust(ctx, param, value):
-    from .trust import allow
+    from ..trust import allow
     allow(value)
     return value
 
@@ -272,7 +272,7 @@ def run_cmd(args, out, fmt, device, dtype, scheduler, params, runs, plot) -> Non
     out_dir = Path(out) if out else path.parent
     text = path.read_text(encoding="utf-8")
     try:
-        from .lang.script import script_queries  # imports the parser: not needed for --help
+        from ..lang.script import script_queries  # imports the parser: not needed for --help
         queries = script_queries(text, params)
     except Exception as exc:
         exc.cli_context = f"{script}: "
@@ -315,7 +315,7 @@ def explain_cmd(run_path, words, device, dtype, scheduler, params) -> None:
 
     Shows the physical plan and each planner pass's decision.
     """
-    from . import open as open_run
+    from .. import open as open_run
     text = with_options(_checked(" ".join(words), params), params, device, dtype, scheduler)
     click.echo(open_run(run_path).explain(text, **params))
 
@@ -325,7 +325,7 @@ def explain_cmd(run_path, words, device, dtype, scheduler, params) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print run.info() as JSON instead.")
 def info_cmd(run_path, as_json) -> None:
     """Summarise a run: steps, layers, splits, optimizer, size."""
-    from . import open as open_run
+    from .. import open as open_run
     info = open_run(run_path).info()
     if as_json:
         import json
@@ -339,7 +339,7 @@ def info_cmd(run_path, as_json) -> None:
 @click.argument("run_path", metavar="RUN")
 def verify_cmd(run_path) -> None:
     """Read every chunk of a store and report each damaged array (exit 4 if any)."""
-    from .verify import verify
+    from ..verify import verify
     report = verify(run_path)
     for line in report.lines():
         click.echo(line, err=not report.ok)
@@ -368,10 +368,11 @@ def repl_cmd(run_path, fmt, params, scheduler) -> None:
 def demo_cmd(out, quick) -> None:
     """Record a toy run and walk through example queries."""
     from importlib import import_module
+    name = f"{__package__.partition('.')[0]}.demo"  # explaind_ql.demo, beside this shell's package
     try:
-        demo = import_module(f"{__package__}.demo")
+        demo = import_module(name)
     except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.demo":
+        if exc.name != name:
             raise
         click.echo("error: the demo is not available in this installation (explaind_ql.demo is missing)",
                    err=True)
