@@ -18,7 +18,7 @@ import math
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Mapping, Union
+from typing import Any, Callable, Literal, Mapping, Union
 
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedInput, UnexpectedToken
@@ -313,7 +313,7 @@ class _Builder:
     def query(self, tree: Tree) -> Query:
         explain_tree, measure_tree, *clauses = tree.children
         measure = measure_tree.children[0].type.lower()
-        fields: dict[str, object] = {}
+        fields: dict[str, Any] = {}  # each clause's slot of Query, typed by its clause
         seen: dict[str, str] = {}
         for clause in clauses:
             keyword = clause.children[0]
@@ -325,7 +325,7 @@ class _Builder:
                 raise self.fail(f"clause '{label}' {problem}", keyword.start_pos)
             seen[slot] = label
             fields[slot] = value
-        explain = None
+        explain: Literal["plan", "analyze"] | None = None
         if explain_tree is not None:
             explain = "plan" if explain_tree.children[1] is None else "analyze"
         return Query(measure=measure, explain=explain, text=self.text, pos=tree.meta.start_pos, **fields)
@@ -420,6 +420,7 @@ class _Builder:
         start = None if start_num is None else self.integer(start_num, what)
         stop = None if stop_num is None else self.integer(stop_num, what)
         if tree.data == "inclusive_range":
+            assert start is not None and stop is not None  # the grammar gives '..' both ends
             if stop < start:
                 raise self.fail(f"empty range {start}..{stop}", tree.meta.start_pos,
                                 "'..' includes both ends: write the smaller bound first")

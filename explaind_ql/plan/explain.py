@@ -72,8 +72,8 @@ def tree(plan: Plan, run: Run, facts: Facts) -> tuple[Node, ...]:
                                            f"{len(space.params)} tensors ({sel_elems:,} of {space.size:,} elements); "
                                            f"{replay}", "trajectory")))
     top = f"  top {b.top}{' abs' if b.top_abs else ''}" if b.top else ""
-    nodes = (Node(b.measure.capitalize(), f"keys: {', '.join(b.dims) or '(one row per term)'}{top}", "frame",
-                  (contract,)),)
+    nodes: tuple[Node, ...] = (Node(b.measure.capitalize(), f"keys: {', '.join(b.dims) or '(one row per term)'}{top}",
+                                   "frame", (contract,)),)
     d = plan.distribution
     if d is not None:
         nodes += (Node("Distributed", d.summary(), "distributed", notes=(d.per_chunk(),)),)

@@ -14,6 +14,7 @@ def pushdown_restrictions(plan: Plan, ctx: Context) -> Plan:
     g = grouping(b, ctx.run, b.params)
     req = plan.request
     keep_step = "step" in b.dims
+    assert req.step_bin is not None  # the logical plan bins every step
     step_bin = tuple(req.step_bin[b.a: b.b]) if keep_step else None
     n_bins = max(1, req.n_bins - 1) if keep_step else 1
     new = replace(req, a=b.a, b=b.b, params=b.params, group_of_param=g.group_of_param, n_groups=len(g.labels),
