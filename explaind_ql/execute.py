@@ -70,17 +70,16 @@ def run_query(run: Run, text: str, params: dict[str, Any] | None = None, rules: 
 
 def compute(run: Run, bound: Bound, facts: Facts, plan: Plan | None) -> pl.DataFrame:
     """Run a planned query: the engine is built (or taken from the run's cache) here."""
-    if plan is not None and plan.distribution is not None:
-        result = distributed.execute(run, plan)
-        run.cache.last_stats = result.stats
-        return influence_frame(result, plan, run)
-    eng = engine_for(run, str(facts.device), facts.dtype)
-    if plan is not None:
+    if plan is None or plan.distribution is None:
+        eng = engine_for(run, str(facts.device), facts.dtype)
+        if plan is None:
+            return {"check": check_frame, "similarity": similarity_frame, "evaluate": evaluate_frame}[bound.measure](
+                run, bound, eng)
         result = engine_budget.execute(eng, plan.chunks)
-        run.cache.last_stats = result.stats
-        return influence_frame(result, plan, run)
-    return {"check": check_frame, "similarity": similarity_frame, "evaluate": evaluate_frame}[bound.measure](
-        run, bound, eng)
+    else:
+        result = distributed.execute(run, plan)
+    run.cache.last_stats = result.stats
+    return influence_frame(result, plan, run)
 
 
 def explain_text(run: Run, bound: Bound, facts: Facts, plan: Plan | None) -> str:

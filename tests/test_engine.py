@@ -223,14 +223,14 @@ def test_budget_chunks_exactly_and_refuses(toy_run):
     run = eq.open(toy_run("mlp", "adamw", steps=STEPS))
     eng = Engine(run)
     req = request(run, keep_examples=True, tolerance=None)
-    whole = execute(eng, plan(eng, req, 1 << 40))
-    tree = plan(eng, req, 40_000)
+    whole = execute(eng, plan(eng.facts, req, 1 << 40))
+    tree = plan(eng.facts, req, 40_000)
     assert isinstance(tree, Split)
     chunked = execute(eng, tree)
     assert rel(chunked.gradient, whole.gradient) <= 1e-12
     assert rel(chunked.total(), whole.total()) <= 1e-12
     with pytest.raises(BudgetError, match="narrow the selection"):
-        plan(eng, req, 100)
+        plan(eng.facts, req, 100)
 
 
 def test_deterministic(toy_run):

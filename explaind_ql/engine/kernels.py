@@ -131,10 +131,6 @@ class Engine:
         self.theta0 = run.stored_state(0)[0].to(self.device, dtype)
         first = self.split(run.splits[0])[0][:1]
         self.facts = facts_for(run, self.device, dtype, lambda: measured(lambda: self.fn._call(self.theta0, None, None, first)))
-        # outputs per item; ReLU-family inputs per call of one item's forward pass (where the integrand can
-        # have kinks); the largest recorded batch
-        self.n_out, self.kink_segments, self.max_batch = (self.facts.n_out, self.facts.kink_segments,
-                                                          self.facts.max_batch)
 
     def target_labels(self, spec: TargetSpec) -> list[tuple[int | None, int | None]]:
         return self.facts.target_labels(spec)
@@ -272,14 +268,14 @@ class _Context:
         # kinks (aggregated targets are then summed afterwards, and each step joins the items without
         # kinks into one lane again: _lane_sets); else one lane of all items, which takes one gradient
         # of the summed target per node
-        self.kinked = bool(eng.kink_segments)
+        self.kinked = bool(eng.facts.kink_segments)
         per_item = len(req.target.items) > 1 and (req.target.keep_test or self.kinked)
         spec = dataclasses.replace(req.target, keep_test=True) if per_item else req.target
         loss = eng.run.loss
         lanes = Lanes(x[items][:, None] if per_item else x[items][None],
                       y[items][:, None] if per_item else y[items][None],
                       lambda out, yl: targets.make(spec, yl, loss)(out),
-                      summed=per_item and not req.target.keep_test, segments=eng.kink_segments)
+                      summed=per_item and not req.target.keep_test, segments=eng.facts.kink_segments)
         # which ReLU inputs reach the targets at all: the adaptive rule cuts only at those
         live = (eng.fn.live_sites(eng.theta0, lanes.target, lanes.x, lanes.y)
                 if self.kinked and req.tolerance is not None else None)

@@ -305,13 +305,11 @@ class _Rule:
         if not self.kinked:
             return _plain_rows(spans, self.n, self.dtype, self.device, self.rule)
         n = self.n
-        kinks, lo, width = located or self.kinks(spans)  # all spans at once, each on its own [0, 1]
+        kinks, _, width = located or self.kinks(spans)  # all spans at once, each on its own [0, 1]
         tail, share = kink_coefficients(kinks, n)  # (n, S, U)
-        t, w = nodes(n, self.dtype, self.device)
-        lanes = torch.tensor([lane for *_, lane in spans], device=self.device).repeat_interleave(n)
-        weights = (width * w).flatten()
-        return Rows((lo[:, None] + width * t).flatten(), lanes, weights,
-                    (weights, (tail * width[None]).transpose(0, 1).flatten(0, 1),
+        plain = _plain_rows(spans, n, self.dtype, self.device)
+        return Rows(plain.ts, plain.lanes, plain.weights,
+                    (plain.weights, (tail * width[None]).transpose(0, 1).flatten(0, 1),
                      (share * width[None]).transpose(0, 1).flatten(0, 1), kinks.end_side.repeat_interleave(n, dim=0)))
 
     def estimates(self, spans: list[tuple[float, float, int]]) -> list[torch.Tensor]:
