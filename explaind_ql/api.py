@@ -11,6 +11,7 @@ import polars as pl
 from .errors import StoreError
 from .execute import explain_text, prepare, run_query
 from .run import Run
+from .store import run_name
 
 
 Trusted = Iterable[str] | str | None
@@ -60,16 +61,12 @@ def expand_runs(runs: Iterable[Run | str | os.PathLike] | Mapping[str, Run | str
     out: dict[str, Run | str] = {}
     for r in runs:
         if isinstance(r, Run):
-            out[_run_name(r.path)] = r
+            out[run_name(r.path)] = r
             continue
         matches = sorted(glob.glob(str(r))) if any(c in str(r) for c in "*?[") else [str(r)]
         for m in matches:
-            out[_run_name(m)] = m
+            out[run_name(m)] = m
     return out
-
-
-def _run_name(path: str | os.PathLike) -> str:
-    return os.path.basename(os.path.normpath(path)).removesuffix(".zarr")
 
 
 def compare(runs: Iterable[Run | str | os.PathLike] | Mapping[str, Run | str | os.PathLike], text: str,

@@ -140,6 +140,7 @@ def run_demo(out: str | Path | None = None, quick: bool = False) -> Path:
     from rich.console import Console
 
     from . import open as open_run
+    from .store import SUFFIX
 
     console = Console(highlight=False, soft_wrap=True)
 
@@ -149,7 +150,7 @@ def run_demo(out: str | Path | None = None, quick: bool = False) -> Path:
     mode = QUICK_MODE if quick else FULL_MODE
     root = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="explaind-ql-demo-"))
     root.mkdir(parents=True, exist_ok=True)
-    store = (root / f"grokking{'-quick' if quick else ''}.zarr").resolve()
+    store = (root / f"grokking{'-quick' if quick else ''}{SUFFIX}").resolve()
     cfg = mode.config
     timings: list[tuple[str, float]] = []
     threads = torch.get_num_threads()

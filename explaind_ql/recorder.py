@@ -29,7 +29,7 @@ from .factory import check_factory, derive_factory
 from .losses import LossSpec
 from .optim import OptimizerSpec, OptState, advance, spec_from_torch, static_mismatch
 from .params import ParamSpace
-from .store import FORMAT_KEY, FORMAT_VERSION, StoreWriter
+from .store import FORMAT_KEY, FORMAT_VERSION, Layout, create_writer
 
 # below this many bytes of params + optimizer state, dense storage costs little and saves replay
 DENSE_AUTO_BYTES = 1 << 20
@@ -134,9 +134,10 @@ class Recorder:
             "n_groups": len(optimizer.param_groups),
             MODEL_FACTS: self._model_facts(model, train[0][:1], first),
         }
-        self.writer = StoreWriter(path, attrs, len(optimizer.param_groups), self.space.size, self.dtype,
-                                  self.spec.buffers, chunk_steps, chunk_steps if self.dense else 1,
-                                  self.splits, constants, overwrite)
+        self.n_groups = len(optimizer.param_groups)
+        layout = Layout(attrs, self.n_groups, self.space.size, self.dtype, self.spec.buffers, chunk_steps,
+                        chunk_steps if self.dense else 1, self.splits, constants)
+        self.writer = create_writer(path, layout, overwrite)
         self.writer.add_ckpt(0, self.theta, self.state.bufs, self.state.step, self.state.has_buf)
         self.writer.flush(final=False)
         self._hyper = self._read_hyper()
@@ -267,7 +268,7 @@ class Recorder:
     def _same_params(self, s: int) -> None:
         """The optimizer still trains exactly the params the recording started with."""
         now = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
-        if len(self.optimizer.param_groups) != self.writer.n_groups or {id(p) for p in now} != {id(p) for p in self._params}:
+        if len(self.optimizer.param_groups) != self.n_groups or {id(p) for p in now} != {id(p) for p in self._params}:
             raise RecordingError(f"step {s}: the optimizer's param groups changed since recording began "
                                  "(add_param_group, or a param (un)frozen); a run must train one fixed "
                                  "set of params: start a new Recorder for the new set")

@@ -23,7 +23,7 @@ from .factory import build, param_shapes
 from .losses import LossSpec
 from .optim import OptimizerSpec, OptState
 from .params import ParamSpace
-from .store import StoreReader
+from .store import open_reader
 from .trust import Trust
 
 FLOAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -45,7 +45,7 @@ class Run:
 
     def __init__(self, path: str | os.PathLike, trust: Iterable[str] | str | None = None):
         self.path = Path(path)
-        self.store = StoreReader(self.path)
+        self.store = open_reader(self.path)
         self.attrs = a = self.store.attrs
         self.trust = Trust.current(trust)
         try:

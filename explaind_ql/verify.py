@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import DamagedStoreError, StoreError
-from .store import StoreReader
+from .store import Reader, open_reader
 
 NAN_ALLOWED = ("loss",)  # a step recorded without its loss stores NaN there
 
@@ -46,24 +46,24 @@ class Report:
             "or restore it from a copy"]
 
 
-def _check_array(store: StoreReader, name: str) -> tuple[int, list[str]]:
+def _check_array(store: Reader, name: str) -> tuple[int, list[str]]:
     """(chunks read, problems) for one array's committed rows."""
-    arr = store.array(name)
+    shape, chunk = store.shape(name), store.chunks(name)
     missing = store.missing_chunks(name)
     if missing:
         return 0, [f"{len(missing)} chunk(s) missing, first {missing[0]}"]
-    n = store.committed_rows(name) if arr.ndim else 1
-    if arr.ndim and arr.shape[0] < n:
-        return 0, [f"holds {arr.shape[0]} rows, the commit says {n}"]
-    step = arr.chunks[0] if arr.ndim else 1
+    n = store.committed_rows(name) if shape else 1
+    if shape and shape[0] < n:
+        return 0, [f"holds {shape[0]} rows, the commit says {n}"]
+    step = chunk[0] if shape else 1
     problems, chunks, finite = [], 0, True
     for lo in range(0, max(n, 1), step):
         try:
-            block = store.read(name, slice(lo, min(n, lo + step))) if arr.ndim else store.read(name)
+            block = store.read(name, slice(lo, min(n, lo + step))) if shape else store.read(name)
         except DamagedStoreError as exc:
             problems.append(f"rows {lo}..{min(n, lo + step) - 1}: {exc.reason}")
             continue
-        chunks += int(np.prod([-(-s // c) for s, c in zip(arr.shape[1:], arr.chunks[1:])])) if arr.ndim else 1
+        chunks += int(np.prod([-(-s // c) for s, c in zip(shape[1:], chunk[1:])])) if shape else 1
         if block.dtype.kind == "f" and name not in NAN_ALLOWED and not np.isfinite(block).all():
             finite = False
     if not finite:
@@ -74,7 +74,7 @@ def _check_array(store: StoreReader, name: str) -> tuple[int, list[str]]:
 def verify(path: str | os.PathLike) -> Report:
     """Read every committed chunk of the store at ``path``; a StoreError if it cannot be opened at all."""
     from .run import Run
-    store = StoreReader(path)
+    store = open_reader(path)
     damage, chunks = [], 0
     try:
         Run(path)

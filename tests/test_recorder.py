@@ -131,7 +131,7 @@ def test_a_run_without_decay_has_no_weight_decay_rows(tmp_path):
 
 def test_dense_states_are_chunked_small_and_read_back_exactly(tmp_path, monkeypatch):
     """A chunk holds at most STATE_CHUNK_BYTES of states (reading θ_0 decodes little); rows still flush whole."""
-    from explaind_ql import store
+    from explaind_ql.store import zarr_store as store
     x, y = data()
     model = mlp()
     n = sum(p.numel() for p in model.parameters())

@@ -18,7 +18,7 @@ from ..optim import LinearStep, OptState, linear_step
 from ..run import Run, StepMeta
 from .replay import TorchReplay
 
-READ_BYTES = 1 << 20  # stored states read per zarr call (at least one)
+READ_BYTES = 1 << 20  # stored states read per store call (at least one)
 
 
 @dataclass

@@ -56,14 +56,14 @@ def _open(ipython, ref: str):
     from IPython.core.error import UsageError
     from .. import open as open_run
     from ..run import Run
+    from ..store import stamp
     value = ipython.user_ns.get(ref, ref) if ref.isidentifier() else ref
     if isinstance(value, Run):
         return value
     if not isinstance(value, (str, os.PathLike)):
         raise UsageError(f"{ref} is a {type(value).__name__}, not a run or a path")
     path = Path(value).resolve()
-    marker = path / "zarr.json"
-    key = (str(path), marker.stat().st_mtime if marker.exists() else 0.0)
+    key = (str(path), stamp(path))
     if key not in _runs:
         _runs[key] = open_run(path)
     return _runs[key]

@@ -1,19 +1,6 @@
-"""The trajectory store: one zarr store written through xarray by a single appending writer.
+"""The zarr backend: one zarr v3 directory written through xarray by a single appending writer.
 
-Layout (format version 2), all on three appendable dimensions:
-
-- ``ckpt``: stored states. ``ckpt_state`` is the state index s (θ_s is the parameters
-  *before* update step s; θ_N is the final state). ``theta(ckpt, element)`` and the
-  optimizer buffers ``opt_<name>(ckpt, element)``, ``opt_step(ckpt)``, ``opt_has_buf(ckpt)``.
-  Dense runs store every state; checkpointed runs every K-th plus the last.
-- ``step``: one row per update: ``lr``/``weight_decay`` ``(step, group)``, ``loss``, ``clip``,
-  ``weight`` (w_{s,k}, uniform within a batch), ``batch_start``, ``batch_size``.
-- ``sample``: the batches end to end, ``batch_index(sample)``.
-
-Plus the splits (``x_<split>``, ``y_<split>``), the model's constant tensors
-(``const_<i>``) and attrs.
-
-Guarantees (docs/store.md):
+How it keeps :mod:`.base`'s guarantees (docs/store.md):
 
 - **Commit last.** The writer appends whole chunks only (xarray issues #8876, #8882) and
   then publishes the number of complete steps in the root attrs, one atomic metadata
@@ -22,8 +9,6 @@ Guarantees (docs/store.md):
   never empty, and a store killed at any instant opens at its last commit. Readers read
   arrays one by one through zarr, each up to the commit, so a reader during appends sees
   a consistent prefix.
-- **One writer.** A lock file beside the store (``<store>.lock``) refuses a second writer
-  whatever ``overwrite`` says; a lock whose process is gone is stale and is taken over.
 - **Integrity.** Every chunk carries a crc32c checksum (zarr v3's ``crc32c`` codec) checked
   on each read, every chunk is written even when it holds only zeros, and a read checks
   that each chunk it needs exists, so fill values are never read as data.
@@ -31,113 +16,32 @@ Guarantees (docs/store.md):
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
-import uuid
-import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 import xarray as xr
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from .errors import DamagedStoreError, StoreError
+from ..errors import DamagedStoreError, StoreError
+from .base import FORMAT_KEY, FORMAT_VERSION, Layout
+from .lock import WriterLock
 
-FORMAT_VERSION = 2
-FORMAT_KEY = "explaind_format"
 ELEMENT_CHUNK_BYTES = 8 << 20
 STATE_CHUNK_BYTES = 256 << 10  # stored states per chunk: reading one decodes its whole chunk
 SAMPLE_CHUNK_MAX = 1 << 20
 
 
 CODECS = {"compressors": (ZstdCodec(), Crc32cCodec())}
-_live_locks: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # token -> writer
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
-
-
-def lock_path(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    return p.with_name(p.name + ".lock")
-
-
-def _lock_is_stale(info: dict) -> bool:
-    """A lock is stale when its writer is gone: its process ended, or (in this process) its
-    recorder was dropped without ``close()``. A lock from another host is never judged stale."""
-    if info.get("host") != socket.gethostname():
-        return False
-    pid = info.get("pid")
-    if pid == os.getpid():
-        return info.get("token") not in _live_locks
-    return not (isinstance(pid, int) and psutil.pid_exists(pid))
-
-
-class WriterLock:
-    """``<store>.lock``, created exclusively; released on close or when its writer is collected."""
-
-    def __init__(self, path: Path, owner: object):
-        self.path = lock_path(path)
-        self.token = uuid.uuid4().hex
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "token": self.token}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                held = self._holder()
-                if held is not None and not _lock_is_stale(held):
-                    if held.get("pid") == os.getpid():
-                        raise StoreError(f"{path} is locked: a Recorder in this process still records there; "
-                                         "call its close() (or use it in a with block) before recording "
-                                         "again") from None
-                    raise StoreError(
-                        f"{path} is being recorded by another writer (pid {held.get('pid')} on "
-                        f"{held.get('host')}); wait for it to close, or delete {self.path} if no "
-                        "writer is running") from None
-                self._break()
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(info, f)
-            break
-        else:
-            raise StoreError(f"cannot take the writer lock {self.path}; delete it if no writer is running")
-        _live_locks[self.token] = owner
-        self._finalizer = weakref.finalize(owner, _unlink_if_ours, self.path, self.token)
-
-    def _holder(self) -> dict | None:
-        try:
-            info = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None  # unreadable: a writer died while creating it
-        return info if isinstance(info, dict) else None
-
-    def _break(self) -> None:
-        try:  # rename first, so two processes breaking one stale lock don't delete a fresh one
-            aside = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex}")
-            os.replace(self.path, aside)
-            aside.unlink()
-        except FileNotFoundError:
-            pass
-
-    def release(self) -> None:
-        self._finalizer()
-
-
-def _unlink_if_ours(path: Path, token: str) -> None:
-    try:
-        if json.loads(path.read_text()).get("token") == token:
-            path.unlink()
-    except (OSError, ValueError, AttributeError):
-        pass
 
 
 @dataclass
@@ -153,13 +57,10 @@ class PendingRows:
         return sum(len(s) for s in self.samples)
 
 
-class StoreWriter:
+class ZarrWriter:
     """Append-only writer. Steps, samples and checkpoint rows are flushed in whole chunks."""
 
-    def __init__(self, path: str | os.PathLike, attrs: dict, n_groups: int, n_elem: int,
-                 dtype: torch.dtype, buffers: tuple[str, ...], chunk_steps: int, ckpt_flush: int,
-                 splits: dict[str, tuple[torch.Tensor, torch.Tensor]], constants: list[torch.Tensor],
-                 overwrite: bool):
+    def __init__(self, path: str | os.PathLike, layout: Layout, overwrite: bool):
         self.path = Path(path)
         self.lock = WriterLock(self.path, self)
         if self.path.exists():
@@ -167,8 +68,9 @@ class StoreWriter:
                 self.lock.release()
                 raise StoreError(f"{self.path} already exists; choose a new path or pass overwrite=True")
             shutil.rmtree(self.path)
-        self.n_groups, self.n_elem, self.buffers = n_groups, n_elem, buffers
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        self.n_groups, self.n_elem, self.buffers = layout.n_groups, layout.n_elem, layout.buffers
+        chunk_steps, ckpt_flush, n_elem = layout.chunk_steps, layout.ckpt_flush, layout.n_elem
+        itemsize = torch.empty((), dtype=layout.dtype).element_size()
         # rows are buffered ckpt_flush at a time, and stored in chunks of as many states as fit
         # STATE_CHUNK_BYTES: a query reading one state (θ_0, a checkpoint) then decodes little
         self.chunk_steps, self.ckpt_flush = chunk_steps, ckpt_flush
@@ -182,12 +84,12 @@ class StoreWriter:
         self._batch_ends: list[int] = []
         self.sample_chunk = 0  # fixed by the first batch: chunk_steps batches of its size
         data = {}
-        for name, (x, y) in splits.items():
+        for name, (x, y) in layout.splits.items():
             data[f"x_{name}"] = xr.Variable([f"{name}_item"] + [f"x_{name}_{i}" for i in range(1, x.dim())], _np(x))
             data[f"y_{name}"] = xr.Variable([f"{name}_item"] + [f"y_{name}_{i}" for i in range(1, y.dim())], _np(y))
-        for i, c in enumerate(constants):
+        for i, c in enumerate(layout.constants):
             data[f"const_{i}"] = xr.Variable([f"const_{i}_{d}" for d in range(c.dim())], _np(c))
-        self.attrs = attrs
+        self.attrs = layout.attrs
         self.commit = {"committed_steps": 0, "committed_ckpts": 0, "closed": False}
         ds = xr.Dataset(data, attrs=self._root_attrs())
         ds.to_zarr(self.path, mode="w", consolidated=False, write_empty_chunks=True,
@@ -233,13 +135,15 @@ class StoreWriter:
         n_ck = len(p.ckpts) if final else (len(p.ckpts) // self.ckpt_chunk) * self.ckpt_chunk
         if n_ck:
             rows, p.ckpts = p.ckpts[:n_ck], p.ckpts[n_ck:]
-            data = {"ckpt_state": ("ckpt", np.array([r["state"] for r in rows], np.int64)),
-                    "opt_step": ("ckpt", np.array([r["opt_step"] for r in rows], np.int64)),
-                    "opt_has_buf": ("ckpt", np.array([r["opt_has_buf"] for r in rows], bool))}
+            data: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
+                "ckpt_state": (("ckpt",), np.array([r["state"] for r in rows], np.int64)),
+                "opt_step": (("ckpt",), np.array([r["opt_step"] for r in rows], np.int64)),
+                "opt_has_buf": (("ckpt",), np.array([r["opt_has_buf"] for r in rows], bool))}
             for key in ["theta"] + [f"opt_{b}" for b in self.buffers]:
                 data[key] = (("ckpt", "element"), np.stack([r[key] for r in rows]))
-            chunks = {k: (self.ckpt_chunk, self.elem_chunk) if len(v[0]) == 2 else (self.ckpt_chunk,)
-                      for k, v in data.items()}
+            chunks: dict[str, tuple[int, ...]] = {
+                k: (self.ckpt_chunk, self.elem_chunk) if len(v[0]) == 2 else (self.ckpt_chunk,)
+                for k, v in data.items()}
             self._append(xr.Dataset(data), "ckpt", chunks)
             self.written_ckpts += n_ck
         all_samples = np.concatenate(p.samples) if p.samples else np.zeros(0, np.int64)
@@ -253,7 +157,7 @@ class StoreWriter:
         n_st = len(p.steps) if final else (len(p.steps) // self.chunk_steps) * self.chunk_steps
         if n_st:
             rows, p.steps = p.steps[:n_st], p.steps[n_st:]
-            data = {k: ("step", np.array([r[k] for r in rows])) for k in
+            data = {k: (("step",), np.array([r[k] for r in rows])) for k in
                     ("loss", "clip", "weight", "batch_start", "batch_size")}
             for k in ("lr", "weight_decay"):
                 data[k] = (("step", "group"), np.array([r[k] for r in rows], np.float64))
@@ -284,7 +188,7 @@ def _count(attrs: dict, key: str, p: Path) -> int:
     return v
 
 
-class StoreReader:
+class ZarrReader:
     """The committed prefix of a store, read array by array through zarr.
 
     Each read checks that every chunk it touches exists (zarr would return fill values for
@@ -406,8 +310,17 @@ class StoreReader:
     def dtype(self, name: str) -> np.dtype:
         return np.dtype(self.array(name).dtype)
 
+    def chunks(self, name: str) -> tuple[int, ...]:
+        return tuple(self.array(name).chunks)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.array(name).shape)
 
     def names(self) -> list[str]:
         return sorted(d.name for d in self.path.iterdir() if (d / "zarr.json").is_file())
+
+
+def stamp(path: Path) -> float:
+    """The root metadata's mtime: every commit rewrites it."""
+    marker = path / "zarr.json"
+    return marker.stat().st_mtime if marker.exists() else 0.0
