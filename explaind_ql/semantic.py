@@ -6,13 +6,16 @@ so the planner only ever sees valid, explicit selections. Every error points at 
 clause with a caret and suggests the fix (did-you-mean names, valid ranges).
 
 Selections pick each item at most once and at least one item; a clause the measure has
-no use for (`check ... from train[0]`) is refused, not ignored (`check_clauses`).
+no use for (`check ... from train[0]`) is refused, not ignored (`check_clauses`, reading the
+measure's :class:`Clauses`). What only one measure needs is checked by that measure's
+``complete`` (:mod:`explaind_ql.measures`).
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import torch
 
@@ -47,14 +50,13 @@ class Bound:
     device: str
     dtype: torch.dtype
     budget: int | None
-    eval_steps: tuple[int, ...] = ()
-    swap_params: tuple[str, ...] = ()
-    swap_step: int | None = None
+    measure_args: Any = None                # what only this measure needs (its module's own type)
     cluster: str | None = None              # `using cluster "ADDRESS"`: a Dask scheduler
     device_pinned: bool = False             # the query names its device (else workers use their GPU)
 
 
-def _err(q: Query, msg: str, pos: int, hint: str | None = None) -> SemanticError:
+def query_error(q: Query, msg: str, pos: int, hint: str | None = None) -> SemanticError:
+    """An error in ``q``'s text at ``pos``, shown with a caret and the hint."""
     return SemanticError(msg, q.text, pos, hint)
 
 
@@ -72,7 +74,7 @@ def resolve_components(q: Query, comps: Components | None, run: Run) -> tuple[st
         found = space.match(ref.kind, ref.pattern)
         if not found:
             pool = space.layers() if ref.kind == "layer" else space.names
-            raise _err(q, f"unknown {ref.kind} '{ref.pattern}'", ref.pos,
+            raise query_error(q, f"unknown {ref.kind} '{ref.pattern}'", ref.pos,
                        _suggest(ref.pattern, pool) or f"{ref.kind}s are: {', '.join(pool[:12])}")
         return found
 
@@ -80,7 +82,7 @@ def resolve_components(q: Query, comps: Components | None, run: Run) -> tuple[st
     for ref in comps.exclude:
         chosen -= set(names(ref))
     if not chosen:
-        raise _err(q, "the component selection is empty after 'except'", comps.pos)
+        raise query_error(q, "the component selection is empty after 'except'", comps.pos)
     return tuple(n for n in space.names if n in chosen)
 
 
@@ -91,7 +93,7 @@ def resolve_items(q: Query, sel: SplitSel, run: Run) -> tuple[int, ...]:
     split alike rather than counted twice or merged, and so is a selection with no items.
     """
     if sel.split not in run.splits:
-        raise _err(q, f"unknown split '{sel.split}'", sel.pos,
+        raise query_error(q, f"unknown split '{sel.split}'", sel.pos,
                    _suggest(sel.split, run.splits) or f"recorded splits: {', '.join(run.splits)}")
     n = run.split_size(sel.split)
     items: list[int] = []
@@ -100,7 +102,7 @@ def resolve_items(q: Query, sel: SplitSel, run: Run) -> tuple[int, ...]:
     def add(new: range | list[int], pos: int) -> None:
         for i in new:
             if i in seen:
-                raise _err(q, f"{sel.split} item {i} is selected twice; list each item once", pos)
+                raise query_error(q, f"{sel.split} item {i} is selected twice; list each item once", pos)
             seen.add(i)
             items.append(i)
 
@@ -109,10 +111,10 @@ def resolve_items(q: Query, sel: SplitSel, run: Run) -> tuple[int, ...]:
         stop = n if r.stop is None else r.stop
         if r.stop is not None and start >= r.stop:
             shown = f"{'' if r.start is None else r.start}:{'' if r.stop is None else r.stop}"
-            raise _err(q, f"{sel.split}[{shown}] selects no items", pos,
+            raise query_error(q, f"{sel.split}[{shown}] selects no items", pos,
                        f"{sel.split} has {n} items (0..{n - 1})" if n else f"{sel.split} has no items")
         if start >= n or stop > n:
-            raise _err(q, f"{sel.split}[{start}..{stop - 1}] is out of range: {sel.split} has {n} items "
+            raise query_error(q, f"{sel.split}[{start}..{stop - 1}] is out of range: {sel.split} has {n} items "
                           f"(0..{n - 1})", pos)
         return range(start, stop)
 
@@ -127,20 +129,20 @@ def resolve_items(q: Query, sel: SplitSel, run: Run) -> tuple[int, ...]:
             if isinstance(it, IndexRange):
                 add(rng(it, it.pos or idx.pos), it.pos or idx.pos)
             elif it >= n:
-                raise _err(q, f"{sel.split}[{it}] is out of range: {sel.split} has {n} items (0..{n - 1})",
+                raise query_error(q, f"{sel.split}[{it}] is out of range: {sel.split} has {n} items (0..{n - 1})",
                            idx.pos or sel.pos)
             else:
                 add([it], idx.pos or sel.pos)
     if not items:
-        raise _err(q, f"{sel.split} selects no items: the split is empty", sel.pos)
+        raise query_error(q, f"{sel.split} selects no items: the split is empty", sel.pos)
     if sel.where_label is not None:
         y = run.split(sel.split)[1]
         if y.is_floating_point() or y.dim() != 1:
-            raise _err(q, f"'where label' needs class labels, but {sel.split} has real-valued targets", sel.pos)
+            raise query_error(q, f"'where label' needs class labels, but {sel.split} has real-valued targets", sel.pos)
         keep = set(sel.where_label)
         items = [i for i in items if int(y[i]) in keep]
         if not items:
-            raise _err(q, f"no item of {sel.split} has label {' or '.join(map(str, sel.where_label))} "
+            raise query_error(q, f"no item of {sel.split} has label {' or '.join(map(str, sel.where_label))} "
                           "in the selection", sel.pos)
     return tuple(items)
 
@@ -150,33 +152,19 @@ def _is_classifier(run: Run, split: str) -> bool:
     return not y.is_floating_point() and y.dim() == 1
 
 
-# Clauses a measure would ignore: why, and what to write instead (docs/language.md,
-# "Which clauses each measure takes"). Refused rather than silently dropped.
-_UNUSED: dict[str, dict[str, tuple[str, str]]] = {
-    "check": {
-        "of": ("it replicates the change of the whole model, so it uses every param", "remove the 'of' clause"),
-        "from": ("it replicates the change due to every training example", "remove the 'from' clause"),
-        "top": ("it reports one row per test item", "remove the 'top' clause"),
-    },
-    "similarity": {
-        "from": ("it compares test items' influence vectors over every training example",
-                 "remove the 'from' clause"),
-        "top": ("it reports every pair of test items", "remove the 'top' clause"),
-    },
-    "evaluate": {
-        "of": ("it runs the whole model", "to take some layers' weights from another step, write "
-                                          "'with <components> from step N'"),
-        "on": ("it reports accuracy, loss and KL of the model's outputs on the items", ""),  # hint: below
-        "from": ("it runs the model on the 'on' items only", "remove the 'from' clause"),
-        "top": ("it reports one row per step", "remove the 'top' clause"),
-    },
-}
-_FIXED_SHAPE = ("check", "similarity", "evaluate")  # no 'by' either
+@dataclass(frozen=True)
+class Clauses:
+    """Which clauses a measure takes. ``refuses``: the clauses it would ignore, each with why and what to
+    write instead (docs/language.md, "Which clauses each measure takes"), refused rather than dropped;
+    ``fixed_shape``: it takes no ``by`` either."""
+
+    refuses: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    fixed_shape: bool = False
 
 
-def check_clauses(q: Query) -> None:
+def check_clauses(q: Query, clauses: Clauses) -> None:
     """Refuse the first clause (in the text) that the measure would ignore."""
-    unused = _UNUSED.get(q.measure, {})
+    unused = clauses.refuses
     found: list[tuple[int, str]] = []
     if q.components is not None and "of" in unused:
         found.append((q.components.pos, "of"))
@@ -184,7 +172,7 @@ def check_clauses(q: Query) -> None:
         found.append((q.target.pos, "on"))
     if q.train is not None and "from" in unused:
         found.append((q.train.pos, "from"))
-    if q.by is not None and q.measure in _FIXED_SHAPE:
+    if q.by is not None and clauses.fixed_shape:
         found.append((q.by.pos, "by"))
     if q.top is not None and "top" in unused:
         found.append((q.top.pos, "top"))
@@ -192,22 +180,23 @@ def check_clauses(q: Query) -> None:
         return
     pos, clause = min(found)
     if clause == "by":
-        raise _err(q, f"'{q.measure}' has a fixed shape and takes no 'by' clause", pos)
+        raise query_error(q, f"'{q.measure}' has a fixed shape and takes no 'by' clause", pos)
     why, hint = unused[clause]
     what = f"'{clause}'"
     if clause == "on":
         fn = "output" if q.target.kind in ("output", "outputs") else q.target.kind
         what, hint = f"a target function ('{fn}')", f"write 'on {selection_text(q.target.items)}'"
-    raise _err(q, f"'{q.measure}' does not use {what}: {why}", pos, hint)
+    raise query_error(q, f"'{q.measure}' does not use {what}: {why}", pos, hint)
 
 
-def bind(q: Query, run: Run, distributed: bool = False) -> Bound:
-    """Resolve ``q`` against ``run``, raising SemanticError with a caret on the first problem.
+def bind(q: Query, run: Run, clauses: Clauses, distributed: bool = False) -> Bound:
+    """Resolve what every measure shares in ``q`` against ``run``, raising SemanticError with a caret on the
+    first problem; ``clauses`` are those the measure takes.
 
     ``distributed``: the query runs on a cluster given outside its text (``scheduler=``), so
     a CUDA device need only exist on the workers.
     """
-    check_clauses(q)
+    check_clauses(q, clauses)
     params = resolve_components(q, q.components, run)
     # target
     if q.target is not None:
@@ -219,18 +208,18 @@ def bind(q: Query, run: Run, distributed: bool = False) -> Bound:
     items = resolve_items(q, tsel, run)
     if kind in ("label", "logprob", "prob", "margin") and not _is_classifier(run, tsel.split):
         if q.target is not None and kind != "label":
-            raise _err(q, f"'{kind}' needs class labels, but {tsel.split} has real-valued targets", tpos)
+            raise query_error(q, f"'{kind}' needs class labels, but {tsel.split} has real-valued targets", tpos)
         kind = "outputs"  # regression: the default target is every output
     # training examples
     examples = None
     if q.train is not None:
         if q.train.split != "train":
-            raise _err(q, f"training examples come from the train split, not '{q.train.split}'", q.train.pos,
+            raise query_error(q, f"training examples come from the train split, not '{q.train.split}'", q.train.pos,
                        "write 'from train[...]'")
         examples = resolve_items(q, q.train, run)
     # steps
     n = run.n_steps
-    a, b, every_eval = 0, n, None
+    a, b = 0, n
     if q.steps is not None:
         st = q.steps
         a = 0 if st.start is None else st.start
@@ -238,45 +227,30 @@ def bind(q: Query, run: Run, distributed: bool = False) -> Bound:
         last = f"the run has {n} steps (0..{n - 1})" if n else "the run has no complete step"
         if st.stop is not None and a >= b:
             shown = f"{'' if st.start is None else st.start}:{st.stop}"
-            raise _err(q, f"steps {shown} select no steps", st.pos, last)
+            raise query_error(q, f"steps {shown} select no steps", st.pos, last)
         if a >= n or b > n or a >= b:
-            raise _err(q, f"steps {a}:{b} are out of range: {last}", st.pos)
-        every_eval = st.every
+            raise query_error(q, f"steps {a}:{b} are out of range: {last}", st.pos)
     dims = tuple(q.by.dims) if q.by is not None else ()
     step_every = (q.by.step_every or 1) if q.by is not None else 1
-    if q.measure == "kernel":
-        dims = tuple(dict.fromkeys(("test", "example") + dims))
     if "output" in dims and kind not in ("outputs",):
-        raise _err(q, "'by output' needs a target with several outputs", q.by.pos,
+        raise query_error(q, "'by output' needs a target with several outputs", q.by.pos,
                    "write 'on output(test[...])'")
-    if q.measure == "similarity" and len(items) < 2:
-        raise _err(q, "similarity compares test items with each other: select at least two", tpos)
     opts = q.options.as_dict() if q.options is not None else {}
     device = str(opts.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
     remote = distributed or "cluster" in opts
     if device.startswith("cuda") and not torch.cuda.is_available() and not remote:
-        raise _err(q, f"device {device} is not available on this machine", q.options.pos, "use 'device cpu'")
+        raise query_error(q, f"device {device} is not available on this machine", q.options.pos, "use 'device cpu'")
     fixed = "quadrature" in opts
     if fixed and "tolerance" in opts:
-        raise _err(q, "'quadrature N' fixes the nodes while 'tolerance' asks for adaptive refinement",
+        raise query_error(q, "'quadrature N' fixes the nodes while 'tolerance' asks for adaptive refinement",
                    q.options.pos, "give one of them")
     nodes = int(opts.get("quadrature", DEFAULT_NODES))
     if nodes < 1 or nodes > 64:
-        raise _err(q, f"quadrature {nodes} is out of range (1..64)", q.options.pos)
-    swap_params, swap_step, eval_steps = (), None, ()
-    if q.measure == "evaluate":
-        step_list = range(a, b + (1 if q.steps is None or q.steps.stop is None else 0), every_eval or 1)
-        eval_steps = tuple(s for s in step_list if s <= n)
-        if q.swap is not None:
-            swap_params = resolve_components(q, q.swap.components, run)
-            if not 0 <= q.swap.from_step <= n:
-                raise _err(q, f"step {q.swap.from_step} is out of range: states are 0..{n}", q.swap.pos)
-            swap_step = q.swap.from_step
+        raise query_error(q, f"quadrature {nodes} is out of range (1..64)", q.options.pos)
     return Bound(
         query=q, measure=q.measure, params=params, target_kind=kind, target_split=tsel.split,
         test_items=items, output=output, examples=examples, a=a, b=b, dims=dims, step_every=step_every,
         top=q.top.k if q.top else None, top_abs=bool(q.top and q.top.by_abs), nodes=nodes,
         tolerance=None if fixed else float(opts.get("tolerance", DEFAULT_TOLERANCE)), device=device,
         dtype=getattr(torch, str(opts.get("dtype", "float64"))), budget=opts.get("budget"),
-        eval_steps=eval_steps, swap_params=swap_params, swap_step=swap_step,
         cluster=str(opts["cluster"]) if "cluster" in opts else None, device_pinned="device" in opts)

@@ -17,7 +17,7 @@ from explaind_ql.lang import parse
 from explaind_ql.engine.kernels import Engine
 from explaind_ql.plan import (RULES, WITHOUT_PUSHDOWN, Context, Node, aggregate_tests, choose_strategy,
                               chunk_under_budget, distribute, logical, optimise, pushdown_restrictions, render, tree)
-from explaind_ql.semantic import bind
+from explaind_ql.measures import bind
 
 STEPS = 12
 

@@ -38,7 +38,6 @@ _PLACEHOLDERS = {
     "NAME": "<name>", "PATH": "<layer or param name>", "VAR": "<$parameter>",
     "NUMBER": "<number>", "VALUE": "<value>", "STRING": "<string>",
 }
-_MEASURES = {"INFLUENCE", "CHECK", "KERNEL", "SIMILARITY", "EVALUATE"}
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PATH_RE = re.compile(r"[A-Za-z0-9_*]+(\.[A-Za-z0-9_*]+)*")
 _INT_RE = re.compile(r"-?[0-9]{1,19}")
@@ -64,6 +63,12 @@ def grammar_path() -> Path:
 def _lark() -> Lark:
     return Lark(grammar_path().read_text(encoding="utf-8"), parser="lalr",
                 start=["query_text", "script"], propagate_positions=True, maybe_placeholders=True)
+
+
+@lru_cache(maxsize=1)
+def measure_keywords() -> frozenset[str]:
+    """The terminals of the grammar's ``measure`` rule: a new measure's keyword is added there only."""
+    return frozenset(sym.name for rule in _lark().rules if rule.origin.name == "measure" for sym in rule.expansion)
 
 
 @lru_cache(maxsize=1)
@@ -176,7 +181,7 @@ def _syntax_error(e: UnexpectedInput, text: str, start: str) -> QuerySyntaxError
         word = match.group().lower()
         close = difflib.get_close_matches(word, sorted(words[n] for n in accepted if _is_keyword(n)), 1)
         hint = f"did you mean '{close[0]}'?" if close else None
-        if accepted & _MEASURES and word not in {words[n] for n in words if _is_keyword(n)}:
+        if accepted & measure_keywords() and word not in {words[n] for n in words if _is_keyword(n)}:
             return QuerySyntaxError(f"unknown measure {found}; expected {expected}", text, pos, hint)
     return QuerySyntaxError(f"unexpected {found}; expected {expected}", text, pos, hint)
 

@@ -16,11 +16,12 @@ RULES: tuple[Rule, ...] = (pushdown_restrictions, aggregate_tests, choose_strate
 WITHOUT_PUSHDOWN: tuple[Rule, ...] = RULES[1:]  # computes everything, then filters: what pushdown is checked against
 
 
-def optimise(bound: Bound, run: Run, facts: Facts, *, rules: Sequence[Rule] = RULES, scheduler: Any = None,
-             device: str | None = None) -> Plan:
-    """Logical plan → physical plan, through ``rules`` in order (``scheduler``: the cluster to distribute to)."""
+def optimise(bound: Bound, run: Run, facts: Facts, *, start: Callable[[Bound, Run], Plan] = logical,
+             rules: Sequence[Rule] = RULES, scheduler: Any = None, device: str | None = None) -> Plan:
+    """The measure's logical plan (``start``) → physical plan, through ``rules`` in order (``scheduler``: the
+    cluster to distribute to)."""
     ctx = Context(run, facts, bound.budget, scheduler, device)
-    p = logical(bound, run)
+    p = start(bound, run)
     for rule in rules:
         p = rule(p, ctx)
     return p

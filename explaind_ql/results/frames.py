@@ -17,6 +17,7 @@ import polars as pl
 from ..engine.kernels import Result
 from ..plan import Plan
 from ..run import Run
+from ..semantic import Bound
 
 def _group_keys(plan: Plan, run: Run) -> dict[str, list]:
     """Per engine group: the param / element / layer key values it stands for."""
@@ -107,19 +108,30 @@ def _filter_then_regroup(df: pl.DataFrame, plan: Plan, run: Run) -> pl.DataFrame
     return df.group_by(keys + ["term"], maintain_order=True).agg(pl.col("influence").sum())
 
 
-def _finish(df: pl.DataFrame, b, run: Run, regroup: bool = True) -> pl.DataFrame:
+def _labelled(run: Run) -> bool:
+    y = run.split("train")[1]
+    return not y.is_floating_point() and y.dim() == 1
+
+
+def influence_columns(b: Bound, run: Run) -> tuple[str, ...]:
+    """An influence frame's columns: the ``by`` keys as written (``param`` before ``element``), ``label``
+    after ``example`` on a classifier's run, then ``term`` and ``influence``."""
     keys = list(b.dims)
     if "element" in keys and "param" not in keys:
         keys.insert(keys.index("element"), "param")
-    if "layer" in keys and "layer" not in df.columns:
+    if "example" in keys and _labelled(run):
+        keys.insert(keys.index("example") + 1, "label")
+    return (*keys, "term", "influence")
+
+
+def _finish(df: pl.DataFrame, b: Bound, run: Run, regroup: bool = True) -> pl.DataFrame:
+    cols = list(influence_columns(b, run)[:-2])
+    if "layer" in cols and "layer" not in df.columns:
         df = df.with_columns(layer=pl.col("param").map_elements(run.space.top_layer, return_dtype=pl.String))
-    cols = list(keys)
-    if "example" in keys:
+    if "label" in cols:
         y = run.split("train")[1]
-        if not y.is_floating_point() and y.dim() == 1:
-            lab = pl.DataFrame({"example": np.arange(len(y), dtype=np.int64), "label": y.numpy().astype(np.int64)})
-            df = df.join(lab, on="example", how="left", maintain_order="left")
-            cols.insert(cols.index("example") + 1, "label")
+        lab = pl.DataFrame({"example": np.arange(len(y), dtype=np.int64), "label": y.numpy().astype(np.int64)})
+        df = df.join(lab, on="example", how="left", maintain_order="left")
     if "term" not in df.columns:
         df = df.with_columns(term=pl.lit("gradient"))
     df = df.select(cols + ["term", "influence"])

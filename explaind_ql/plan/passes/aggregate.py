@@ -10,7 +10,7 @@ from ..nodes import Context, Plan
 def aggregate_tests(plan: Plan, ctx: Context) -> Plan:
     """Sum the test items inside the target when neither the frame nor the measure keeps them apart."""
     t = plan.request.target
-    if "test" in plan.bound.dims or plan.bound.measure != "influence" or not t.keep_test:
+    if "test" in plan.bound.dims or not t.keep_test:
         return plan.decide("test aggregation", f"kept: {len(t.items)} test items are an axis of the result")
     req = replace(plan.request, target=replace(t, keep_test=False))
     return plan.decide("test aggregation", f"{len(t.items)} test items summed inside the target: "

@@ -1,0 +1,96 @@
+"""``evaluate``: the recorded model itself at chosen states (optionally with some layers' weights from
+another state): accuracy, loss and KL to the final model. It has no contraction, so no plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import polars as pl
+import torch
+import torch.nn.functional as F
+
+from ..engine.kernels import Engine
+from ..lang.ast import Query
+from ..run import Run
+from ..semantic import Bound, Clauses, query_error, resolve_components
+from .base import Computed, Measure
+
+CLAUSES = Clauses({
+    "of": ("it runs the whole model", "to take some layers' weights from another step, write "
+                                      "'with <components> from step N'"),
+    "on": ("it reports accuracy, loss and KL of the model's outputs on the items", ""),  # hint: semantic
+    "from": ("it runs the model on the 'on' items only", "remove the 'from' clause"),
+    "top": ("it reports one row per step", "remove the 'top' clause"),
+}, fixed_shape=True)
+SCHEMA = ("step", "accuracy", "loss", "kl_to_final")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The states to run, and the params (``swap_params``) whose weights come from state ``swap_step``."""
+
+    steps: tuple[int, ...]
+    swap_params: tuple[str, ...] = ()
+    swap_step: int | None = None
+
+
+def complete(q: Query, bound: Bound, run: Run) -> Bound:
+    """The states ``at steps A:B every K`` names (an open end includes the final state), and the swap."""
+    n = run.n_steps
+    st = q.steps
+    step_list = range(bound.a, bound.b + (1 if st is None or st.stop is None else 0), (st.every if st else None) or 1)
+    ev = Evaluation(tuple(s for s in step_list if s <= n))
+    if q.swap is not None:
+        swap_params = resolve_components(q, q.swap.components, run)
+        if not 0 <= q.swap.from_step <= n:
+            raise query_error(q, f"step {q.swap.from_step} is out of range: states are 0..{n}", q.swap.pos)
+        ev = replace(ev, swap_params=swap_params, swap_step=q.swap.from_step)
+    return replace(bound, measure_args=ev)
+
+
+def frame(c: Computed) -> pl.DataFrame:
+    run, b, eng = c.run, c.bound, c.engine
+    ev = b.measure_args
+    assert isinstance(ev, Evaluation) and eng is not None
+    x, y = eng.split(b.target_split)
+    idx = torch.tensor(b.test_items, device=eng.device)
+    x, y = x[idx], y[idx]
+    wanted = sorted(set(ev.steps) | {run.n_steps} | ({ev.swap_step} if ev.swap_step is not None else set()))
+    states = _states_at(run, eng, wanted)
+    swap_idx = None
+    if ev.swap_params:
+        swap_idx = run.space.element_index(run.space.subspace(list(ev.swap_params))).to(eng.device)
+    final_logp = _logp(eng, states[run.n_steps], x)
+    rows: dict[str, list] = {name: [] for name in SCHEMA}
+    for s in ev.steps:
+        theta = states[s].clone()
+        if swap_idx is not None:
+            theta[swap_idx] = states[ev.swap_step][swap_idx]
+        out = eng.fn.forward(theta, x)
+        logp = F.log_softmax(out.reshape(len(x), -1), dim=1)
+        rows["step"].append(s)
+        classifier = not y.is_floating_point()
+        rows["accuracy"].append(float((out.argmax(1) == y).double().mean()) if classifier else float("nan"))
+        rows["loss"].append(float(run.loss.per_example(out, y).mean()))
+        rows["kl_to_final"].append(float((final_logp.exp() * (final_logp - logp)).sum(1).mean()))
+    return pl.DataFrame(rows)
+
+
+def _logp(eng: Engine, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(eng.fn.forward(theta, x).reshape(len(x), -1), dim=1)
+
+
+def _states_at(run: Run, eng: Engine, steps: list[int]) -> dict[int, torch.Tensor]:
+    """θ_s for each wanted state s (reading stored states, replaying the rest)."""
+    out: dict[int, torch.Tensor] = {}
+    want = set(steps)
+    if 0 in want:
+        out[0] = run.stored_state(0)[0].to(eng.device, eng.dtype)
+    for rec in eng.traj.walk(0, max(steps)):
+        if rec.s + 1 in want:
+            out[rec.s + 1] = rec.theta_next
+    return out
+
+
+MEASURE = Measure("evaluate", "the recorded model's accuracy, loss and KL to the final model at chosen steps",
+                  CLAUSES, complete, None, frame, lambda bound, run: SCHEMA)
