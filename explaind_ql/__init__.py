@@ -30,8 +30,8 @@ def open(path, trust=None):  # noqa: A001 - the public name is part of the contr
     ``trust``: module names (``["mypkg.models"]``) the store may import its model factory
     from, besides explaind_ql's own models and those configured (docs/store.md).
     """
-    from .run import Run
-    return Run(path, trust=trust)
+    from .api import QueryableRun
+    return QueryableRun(path, trust=trust)
 
 
 def load_ipython_extension(ipython) -> None:

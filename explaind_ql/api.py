@@ -17,8 +17,24 @@ from .store import run_name
 Trusted = Iterable[str] | str | None
 
 
+class QueryableRun(Run):
+    """What ``explaind_ql.open`` returns: a :class:`Run` that answers queries. The methods live here, above the
+    query path, so that the run (beneath it) never imports the language."""
+
+    def query(self, text: str, scheduler: Any = None, **params: Any) -> pl.DataFrame:
+        """Run a query on this run (a polars DataFrame): ``run.query("influence on test[0..9] by layer")``.
+
+        ``scheduler``: run it on a Dask cluster (an address or a ``distributed.Client``).
+        """
+        return query(self, text, scheduler=scheduler, **params)
+
+    def explain(self, text: str, scheduler: Any = None, **params: Any) -> str:
+        """The plan a query would run, with the planner's decisions and estimates."""
+        return explain(self, text, scheduler=scheduler, **params)
+
+
 def _as_run(run_or_path: Run | str | os.PathLike, trust: Trusted = None) -> Run:
-    return run_or_path if isinstance(run_or_path, Run) else Run(run_or_path, trust=trust)
+    return run_or_path if isinstance(run_or_path, Run) else QueryableRun(run_or_path, trust=trust)
 
 
 def query(run_or_path: Run | str | os.PathLike, text: str, scheduler: Any = None, trust: Trusted = None,

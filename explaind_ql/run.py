@@ -194,20 +194,6 @@ class Run:
         names = self.attrs.get("constants", [])
         return {n: torch.from_numpy(self.store.read(f"const_{i}")) for i, n in enumerate(names)}
 
-    # -- querying (the language lives in explaind_ql.api; imported late to keep `open` light) ----
-    def query(self, text: str, scheduler=None, **params):
-        """Run a query on this run (a polars DataFrame): ``run.query("influence on test[0..9] by layer")``.
-
-        ``scheduler``: run it on a Dask cluster (an address or a ``distributed.Client``).
-        """
-        from .api import query
-        return query(self, text, scheduler=scheduler, **params)
-
-    def explain(self, text: str, scheduler=None, **params) -> str:
-        """The plan a query would run, with the planner's decisions and estimates."""
-        from .api import explain
-        return explain(self, text, scheduler=scheduler, **params)
-
     def build_model(self) -> torch.nn.Module:
         """The model rebuilt from the recorded factory, if trusted (its weights are replaced per call)."""
         model = build(str(self.attrs.get("factory")), self.attrs.get("factory_kwargs") or {}, self.trust)
