@@ -38,7 +38,6 @@ class Measure:
     """One measure of the language; ``explaind_ql.measures.MEASURES`` holds them by keyword."""
 
     name: str
-    summary: str  # one line: what it answers
     clauses: Clauses
     complete: Callable[[Query, Bound, Run], Bound]  # the measure's own checks and settings
     logical: Callable[[Bound, Run], Plan] | None

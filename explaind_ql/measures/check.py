@@ -30,9 +30,9 @@ def complete(q: Query, bound: Bound, run: Run) -> Bound:
 
 
 def schema(bound: Bound, run: Run) -> tuple[str, ...]:
-    return (("test", "output") if bound.target_kind == "outputs" else ("test",)) + (
-        "actual", "explained", "residual", "relative_residual", "max_update_error", "max_replay_drift",
-        "unconverged_steps")
+    """The keys ``complete`` set, then the replication columns."""
+    return bound.dims + ("actual", "explained", "residual", "relative_residual", "max_update_error",
+                         "max_replay_drift", "unconverged_steps")
 
 
 def frame(c: Computed) -> pl.DataFrame:
@@ -56,5 +56,4 @@ def frame(c: Computed) -> pl.DataFrame:
     })
 
 
-MEASURE = Measure("check", "the decomposition's total against the real change, per test item",
-                  CLAUSES, complete, logical, frame, schema)
+MEASURE = Measure("check", CLAUSES, complete, logical, frame, schema)

@@ -92,5 +92,4 @@ def _states_at(run: Run, eng: Engine, steps: list[int]) -> dict[int, torch.Tenso
     return out
 
 
-MEASURE = Measure("evaluate", "the recorded model's accuracy, loss and KL to the final model at chosen steps",
-                  CLAUSES, complete, None, frame, lambda bound, run: SCHEMA)
+MEASURE = Measure("evaluate", CLAUSES, complete, None, frame, lambda bound, run: SCHEMA)

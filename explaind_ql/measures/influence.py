@@ -16,5 +16,4 @@ def frame(c: Computed) -> pl.DataFrame:
 
 
 MEASURE = Measure(
-    "influence", "how much each selected component, example and step moved the targets",
-    Clauses(), unchanged, logical, frame, influence_columns, distributable=True, reports_residual=True)
+    "influence", Clauses(), unchanged, logical, frame, influence_columns, distributable=True, reports_residual=True)

@@ -19,5 +19,4 @@ def complete(q: Query, bound: Bound, run: Run) -> Bound:
 
 
 MEASURE = Measure(
-    "kernel", "influence per (test item, training example) pair, plus the keys asked",
-    Clauses(), complete, logical, frame, influence_columns, distributable=True, reports_residual=True)
+    "kernel", Clauses(), complete, logical, frame, influence_columns, distributable=True, reports_residual=True)

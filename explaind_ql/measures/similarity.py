@@ -9,7 +9,7 @@ import polars as pl
 from ..lang.ast import Query
 from ..plan import logical
 from ..run import Run
-from ..semantic import Bound, Clauses, SemanticError
+from ..semantic import Bound, Clauses, query_error
 from .base import Computed, Measure
 
 CLAUSES = Clauses({
@@ -23,7 +23,7 @@ def complete(q: Query, bound: Bound, run: Run) -> Bound:
     """At least two items; every selected element kept per test item."""
     if len(bound.test_items) < 2:
         pos = q.target.pos if q.target is not None else q.pos
-        raise SemanticError("similarity compares test items with each other: select at least two", q.text, pos)
+        raise query_error(q, "similarity compares test items with each other: select at least two", pos)
     return replace(bound, dims=("test", "element"))
 
 
@@ -50,5 +50,4 @@ def frame(c: Computed) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
-MEASURE = Measure("similarity", "per layer, how alike the test items' influence vectors are",
-                  CLAUSES, complete, logical, frame, lambda bound, run: SCHEMA)
+MEASURE = Measure("similarity", CLAUSES, complete, logical, frame, lambda bound, run: SCHEMA)
