@@ -24,14 +24,17 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
 
 
-def open(path, trust=None):  # noqa: A001 - the public name is part of the contract
+def open(path, trust=None, model=None):  # noqa: A001 - the public name is part of the contract
     """Open a recorded run for querying (one-line StoreError if it cannot be read).
 
+    ``model``: the architecture (a ``torch.nn.Module``, any weights): the store holds only the
+    weights and the param names and shapes they must fit. Without it the model is rebuilt from
+    the store's Hugging Face config or model factory.
     ``trust``: module names (``["mypkg.models"]``) the store may import its model factory
     from, besides explaind_ql's own models and those configured (docs/store.md).
     """
     from .api import QueryableRun
-    return QueryableRun(path, trust=trust)
+    return QueryableRun(path, trust=trust, model=model)
 
 
 def load_ipython_extension(ipython) -> None:

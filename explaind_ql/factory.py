@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import RecordingError, StoreError
+from .hf import architecture
 from .trust import Trust
 
 
@@ -35,13 +36,17 @@ def import_callable(ref: str, what: str) -> Callable:
     return obj
 
 
-def derive_factory(model: torch.nn.Module) -> str:
-    """``module:ClassName`` of the model's class, when that class can be imported."""
+def derive_factory(model: torch.nn.Module, kwargs: dict[str, Any]) -> str | None:
+    """``module:ClassName`` of the model's class when that class imports and rebuilds the model from
+    ``kwargs``; else None, and a query passes the architecture itself (``open(path, model=...)``)."""
     cls = type(model)
-    ref = f"{cls.__module__}:{cls.__qualname__}"
     if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
-        raise RecordingError(f"model class {cls.__qualname__} is defined in {cls.__module__} and "
-                             "cannot be rebuilt by a query process; pass factory='module:callable'")
+        return None
+    ref = f"{cls.__module__}:{cls.__qualname__}"
+    try:
+        check_factory(ref, kwargs, model)
+    except RecordingError:
+        return None
     return ref
 
 
@@ -69,9 +74,16 @@ def check_factory(ref: str, kwargs: dict[str, Any], model: torch.nn.Module) -> N
                              "recorded model's; pass the factory_kwargs that rebuild it")
 
 
-def build(ref: str, kwargs: dict[str, Any], trust: Trust) -> torch.nn.Module:
-    """Query side: rebuild from a trusted factory, turning failures into a one-line store error."""
-    factory = trust.load(ref)
+def build(attrs: dict, trust: Trust, path) -> torch.nn.Module:
+    """Query side: the model a store's metadata names (an HF architecture, or a trusted factory), or a
+    one-line store error saying what to pass instead."""
+    if architecture.KEY in attrs:
+        return architecture.rebuild(attrs[architecture.KEY])
+    ref, kwargs = attrs.get("factory"), attrs.get("factory_kwargs") or {}
+    if ref is None:
+        raise StoreError(f"{path} was recorded without a model factory (its class is not importable); "
+                         "pass the architecture: explaind_ql.open(path, model=MyModel(...))")
+    factory = trust.load(str(ref))
     if not isinstance(kwargs, dict):
         raise StoreError(f"the store's factory_kwargs are {type(kwargs).__name__}, not a mapping; "
                          "re-record the run")

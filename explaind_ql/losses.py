@@ -22,10 +22,24 @@ def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (diff * diff).reshape(out.shape[0], -1).sum(1)
 
 
+IGNORE = -100  # the label of a token no loss is taken on (padding, a prompt), as Hugging Face marks it
+
+
+def _lm(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A sequence's summed next-token loss: logits at position i predict label i+1, ``-100`` labels skipped."""
+    logits, labels = out[:, :-1], y[:, 1:].long()
+    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
+                          reduction="none")
+    return tok.view(labels.shape).sum(1)
+
+
 BUILTIN: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "cross_entropy": lambda out, y: F.cross_entropy(out, y, reduction="none"),
     "nll": lambda out, y: F.nll_loss(out, y, reduction="none"),
     "mse": _mse,
+    # causal language modelling as Hugging Face's models compute it from ``labels``: the mean over the
+    # batch's predicted tokens, so an example's loss is its tokens' sum and its weight 1/(batch tokens)
+    "lm": _lm,
 }
 
 
@@ -51,9 +65,16 @@ class LossSpec:
     def per_example(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.fn(out, y)
 
-    def weight(self, batch_size: int, out_numel_per_example: int) -> float:
-        """w_{s,k}: each example's weight in the batch loss (PyTorch's mean averages mse over elements)."""
+    @property
+    def sequence(self) -> bool:
+        """Whether an example is a sequence of tokens, each with its own label (its targets are loss and logprob)."""
+        return self.name == "lm"
+
+    def weight(self, y: torch.Tensor) -> float:
+        """w_{s,k} of the batch with labels ``y``: each example's weight in the batch loss (a mean averages
+        mse over elements, the LM loss over the batch's predicted tokens)."""
         if self.reduction == "sum":
             return 1.0
-        per = out_numel_per_example if self.name == "mse" else 1
-        return 1.0 / (batch_size * per)
+        if self.name == "lm":
+            return 1.0 / max(1, int((y[:, 1:] != IGNORE).sum()))
+        return 1.0 / (len(y) * (int(y[0].numel()) if self.name == "mse" and y.dim() > 1 else 1))

@@ -15,18 +15,22 @@ gradient.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from functools import partial
-from typing import Any
+from typing import Any, Union
 
 import torch
-from torch.func import functional_call
 
 from .engine.facts import MODEL_FACTS, measured
+from . import dropout, model_io
+from .dropout import DROPOUT_SEED, STOCHASTIC
 from .errors import RecordingError, VerificationError
 from .factory import check_factory, derive_factory
-from .losses import LossSpec
+from .hf import architecture
+from .losses import IGNORE, LossSpec
+from .model_io import Adapter
 from .optim import OptimizerSpec, OptState, advance, spec_from_torch, static_mismatch
 from .params import ParamSpace
 from .store import FORMAT_KEY, FORMAT_VERSION, Layout, create_writer
@@ -56,9 +60,37 @@ def _refuse_modules(model: torch.nn.Module) -> None:
             raise RecordingError(f"module '{name}' ({type(m).__name__}) couples the examples of a "
                                  "batch, so its update has no per-example decomposition; remove it "
                                  "or use LayerNorm/GroupNorm")
-        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 and m.training:
-            raise RecordingError(f"module '{name}' ({type(m).__name__} p={m.p}) makes gradients "
-                                 "random, so they cannot be recomputed at query time; set p=0")
+
+
+Split = Union[tuple[model_io.Inputs, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def _split(name: str, xy: Split, loss: LossSpec) -> tuple[model_io.Inputs, torch.Tensor]:
+    """(inputs, labels) of a split given as an (X, y) pair, or as a dict of tensors as Hugging Face batches
+    come: its ``labels`` are the labels, else (for the LM loss) its ``input_ids``; for the LM loss, tokens
+    outside the ``attention_mask`` get the ignored label ``-100``, as padding must."""
+    if isinstance(xy, dict):
+        x = {k: v for k, v in xy.items() if k != "labels"}
+        if "labels" in xy:
+            y = xy["labels"]
+        elif loss.sequence and isinstance(xy.get("input_ids"), torch.Tensor):
+            y = xy["input_ids"]
+        else:
+            raise RecordingError(f"split '{name}' is a dict without 'labels'; add them, or pass an (inputs, labels) pair")
+    elif isinstance(xy, tuple) and len(xy) == 2:
+        x, y = xy
+    else:
+        raise RecordingError(f"split '{name}' must be an (inputs, labels) pair, or a dict of tensors with 'labels'")
+    model_io.parts(x, f"split '{name}'")
+    if not isinstance(y, torch.Tensor) or len(y) != model_io.count(x):
+        raise RecordingError(f"split '{name}' must hold one label (row) per input item")
+    if loss.sequence:
+        if y.dim() != 2 or y.dtype.is_floating_point:
+            raise RecordingError(f"split '{name}': the LM loss takes token labels of shape (items, positions)")
+        mask = x.get("attention_mask") if isinstance(x, dict) else None
+        if isinstance(mask, torch.Tensor) and mask.shape == y.shape:
+            y = y.masked_fill(mask == 0, IGNORE)
+    return x, y
 
 
 def _record_norm(norms: dict[int, float], p: torch.Tensor) -> None:
@@ -75,23 +107,29 @@ class Recorder:
     """
 
     def __init__(self, path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 *, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 loss: str = "cross_entropy", reduction: str = "mean", factory: str | None = None,
-                 factory_kwargs: dict[str, Any] | None = None, checkpoint_every: int | None | str = "auto",
-                 chunk_steps: int = 64, grad_check_every: int = 0, overwrite: bool = False,
-                 **splits: tuple[torch.Tensor, torch.Tensor]):
+                 *, train: Split, test: Split | None = None,
+                 loss: str = "cross_entropy", reduction: str = "mean", output: Adapter | str = "auto",
+                 factory: str | None = None, factory_kwargs: dict[str, Any] | None = None,
+                 checkpoint_every: int | None | str = "auto", chunk_steps: int = 64, grad_check_every: int = 0,
+                 dropout_seed: int | None = None, overwrite: bool = False, **splits: Split):
         self.model, self.optimizer = model, optimizer
         self.spec: OptimizerSpec = spec_from_torch(optimizer)
+        self.dropout_seed = int.from_bytes(os.urandom(8), "little") >> 2 if dropout_seed is None else int(dropout_seed)
         self.loss = LossSpec(loss, reduction)
         _refuse_modules(model)
         factory_kwargs = dict(factory_kwargs or {})
-        factory = factory or derive_factory(model)
-        check_factory(factory, factory_kwargs, model)
-        self.splits = {"train": train, **({"test": test} if test is not None else {}), **splits}
-        for name, xy in self.splits.items():
-            if not (isinstance(xy, tuple) and len(xy) == 2 and len(xy[0]) == len(xy[1])):
-                raise RecordingError(f"split '{name}' must be an (X, y) pair of equal length")
-        self.n_train = len(train[0])
+        hf = architecture.describe(model) if factory is None else None
+        if factory is not None:
+            check_factory(factory, factory_kwargs, model)
+        elif hf is None:
+            factory = derive_factory(model, factory_kwargs)
+        self.splits = {name: _split(name, xy, self.loss)
+                       for name, xy in {"train": train, **({"test": test} if test is not None else {}), **splits}.items()}
+        kinds = {name: model_io.parts(x, f"split '{name}'") for name, (x, _) in self.splits.items()}
+        if len({(kind, tuple(named)) for kind, named in kinds.values()}) > 1:
+            raise RecordingError("every split must hold the same kind of inputs (the same keys), as the model takes them")
+        self.input_kind, named = kinds["train"]
+        self.n_train = model_io.count(self.splits["train"][0])
 
         self._params, entries = self._trainable(model, optimizer)
         self.space = ParamSpace.build(entries)
@@ -127,13 +165,15 @@ class Recorder:
                                 for g in optimizer.param_groups],
             "optimizer_class": type(optimizer).__name__,
             "loss": {"name": self.loss.name, "reduction": self.loss.reduction},
-            "factory": factory, "factory_kwargs": factory_kwargs,
+            "factory": factory, "factory_kwargs": factory_kwargs, **({architecture.KEY: hf} if hf else {}),
+            "inputs": self.input_kind, "input_keys": list(named),
             "torch_version": torch.__version__, "dtype": str(self.dtype).removeprefix("torch."),
             "params": self.space.to_json(), "constants": self._constant_names(model),
             "checkpoint_every": None if self.dense else self.every, "splits": list(self.splits),
-            "n_groups": len(optimizer.param_groups),
-            MODEL_FACTS: self._model_facts(model, train[0][:1], first),
+            "n_groups": len(optimizer.param_groups), DROPOUT_SEED: self.dropout_seed,
         }
+        self.output = self._adapter(model, output, first)
+        attrs.update({"output": self.output, MODEL_FACTS: self._model_facts(model, first)})
         self.n_groups = len(optimizer.param_groups)
         layout = Layout(attrs, self.n_groups, self.space.size, self.dtype, self.spec.buffers, chunk_steps,
                         chunk_steps if self.dense else 1, self.splits, constants)
@@ -148,6 +188,7 @@ class Recorder:
         # store lock) alive for as long as the model lives, even after the user dropped it
         norms = self._raw_norms
         self._hooks = [p.register_post_accumulate_grad_hook(partial(_record_norm, norms)) for p in self._params]
+        self.training = dropout.Training(model, self.dropout_seed)
 
     # -- setup helpers -----------------------------------------------------------------------
     @staticmethod
@@ -196,15 +237,33 @@ class Recorder:
         step = int(self._param_state(self._params[0]).get("step", 0)) if self.spec.model.counts_steps else 0
         return OptState(bufs, step, has_buf)
 
-    @staticmethod
-    def _model_facts(model: torch.nn.Module, x: torch.Tensor, param: torch.Tensor) -> dict:
+    def _first_item(self, param: torch.Tensor) -> model_io.Inputs:
+        return model_io.to(model_io.apply(self.splits["train"][0], lambda t: t[:1]), param.device, param.dtype)
+
+    def _adapter(self, model: torch.nn.Module, output: Adapter | str, param: torch.Tensor) -> Adapter:
+        """The adapter from what the model returns to its output tensor (``.logits`` of a ModelOutput)."""
+        x = self._first_item(param)
+        with torch.no_grad():
+            out = self._forward_or_refuse(lambda: model_io.forward(model, x, None))
+        return model_io.adapter_for(out, output)
+
+    def _model_facts(self, model: torch.nn.Module, param: torch.Tensor) -> dict:
         """What the planner reads of the model (engine.facts), from one forward pass on the first train item."""
-        x = x.to(param.device, param.dtype) if x.is_floating_point() else x.to(param.device)
+        x = self._first_item(param)
+        return self._forward_or_refuse(lambda: measured(lambda: model_io.forward(model, x, self.output)))
+
+    def _forward_or_refuse(self, f):
+        """``f()`` (a forward pass on the first item) in eval mode, so that it draws no dropout from the user's RNG."""
+        modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()
         try:
-            return measured(lambda: model(x))
+            return f()
         except Exception as exc:  # noqa: BLE001 - the user's forward pass may raise anything
             raise RecordingError(f"the model's forward pass on the first train item failed ({type(exc).__name__}: "
                                  f"{exc}); train must hold the model's inputs") from None
+        finally:
+            for m, training in modes.items():
+                m.training = training
 
     # -- the loop ----------------------------------------------------------------------------
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
@@ -214,8 +273,18 @@ class Recorder:
         self._clip = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
         return total
 
-    def step(self, batch_indices, loss: float | torch.Tensor | None = None, clip: float | None = None) -> None:
-        """Record the update just taken by ``optimizer.step()`` on the batch ``batch_indices``."""
+    def clipped(self, max_norm: float) -> None:
+        """Record that the gradients were clipped (elsewhere: a Trainer) to total 2-norm ``max_norm``: the scale
+        ``torch.nn.utils.clip_grad_norm_`` applied, from the norms backward() left (before the clip)."""
+        total = math.sqrt(sum(n * n for n in self._raw_norms.values()))
+        self._clip = min(1.0, max_norm / (total + 1e-6))
+
+    def step(self, batch_indices, loss: float | torch.Tensor | None = None, clip: float | None = None,
+             weight: float | None = None) -> None:
+        """Record the update just taken by ``optimizer.step()`` on the batch ``batch_indices``.
+
+        ``weight``: each example's weight in the batch loss, where the loop divides by something other than the
+        loss's own reduction (a Trainer's ``num_items_in_batch``); the gradient check holds it to training's."""
         if self.closed:
             raise RecordingError("the recorder is closed; build a new Recorder to record more steps")
         s = self.n_steps
@@ -238,11 +307,14 @@ class Recorder:
         loss_value = math.nan if loss is None else float(torch.as_tensor(loss).detach())
         self._refuse_nonfinite(s, loss, loss_value, grad, theta_new)
         lr, wd = self._hyper_used(s, grad, theta_new)
-        weight = self.loss.weight(len(idx), self._out_numel())
+        weight = self.loss.weight(self.splits["train"][1][idx]) if weight is None else float(weight)
         if self.grad_check_every >= 0 and (s == 0 or (self.grad_check_every and s % self.grad_check_every == 0)):
             self._check_gradient(s, idx, grad / c, weight)
         self.writer.add_step({"loss": loss_value, "clip": c, "weight": weight,
                               "lr": lr, "weight_decay": wd}, idx.numpy())
+        if self.training.fired:
+            self.writer.set_attr(STOCHASTIC, True)
+        self.training.next_step(s + 1, len(idx))
         self.n_steps = s + 1
         self.theta, self.state = theta_new, real_state
         if self.n_steps % self.every == 0:
@@ -353,23 +425,28 @@ class Recorder:
                     f"(max error {float(err):.3g}, {float(err) / max(scale, 1e-300):.2%} of the update); "
                     "a hyperparameter changed, a clip went unrecorded or an unsupported option is in use")
 
-    def _out_numel(self) -> int:
-        y = self.splits["train"][1]
-        return int(y[0].numel()) if y.dim() > 1 else 1
-
     def _check_gradient(self, s: int, idx: torch.Tensor, raw_grad: torch.Tensor, weight: float) -> None:
         """Recompute the batch gradient from the recorded batch and loss; it must match training's."""
         x, y = self.splits["train"]
         dev = self._params[0].device
         theta = self.theta.to(dev).requires_grad_(True)
         named = self.space.unflatten(theta)
-        with torch.enable_grad():
-            out = functional_call(self.model, named, (x[idx].to(dev),))
-            total = (self.loss.per_example(out, y[idx].to(dev)) * weight).sum()
-            (g,) = torch.autograd.grad(total, theta)
+        masks = self.training.replay(s, len(idx)) if self.training.fired else contextlib.nullcontext()
+        self.training.paused = True
+        try:
+            with torch.enable_grad(), masks:
+                out = model_io.call(self.model, named, model_io.to(model_io.apply(x, lambda t: t[idx]), dev,
+                                                                   self.dtype), self.output)
+                total = (self.loss.per_example(out, y[idx].to(dev)) * weight).sum()
+                (g,) = torch.autograd.grad(total, theta)
+        finally:
+            self.training.paused = False
         err = float((g.detach().cpu().double() - raw_grad.cpu().double()).abs().max())
         scale = float(raw_grad.abs().max())
-        tol = (1e-8 if self.dtype == torch.float64 else 1e-3) * scale + 1e-12
+        # Hugging Face computes its LM loss in float32 whatever the model's dtype (it upcasts the logits), so a
+        # float64 model's training gradient carries float32 rounding there
+        exact = self.dtype == torch.float64 and not self.loss.sequence
+        tol = (1e-8 if exact else 1e-6 if self.dtype == torch.float64 else 1e-3) * scale + 1e-12
         if err > tol:
             raise VerificationError(
                 f"step {s}: the gradient rebuilt from the recorded batch and loss "
@@ -386,6 +463,7 @@ class Recorder:
         self.writer.flush(final=True)
         for h in self._hooks:
             h.remove()
+        self.training.remove()
         self.closed = True
 
     def __enter__(self) -> Recorder:

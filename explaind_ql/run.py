@@ -8,6 +8,7 @@ no code: the model is rebuilt, on first need, only from a trusted factory
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,15 +19,19 @@ import numpy as np
 import torch
 
 from .cache import RunCache
+from .dropout import DROPOUT_SEED, STOCHASTIC
 from .errors import RecordingError, StoreError
 from .factory import build, param_shapes
+from .hf import architecture
 from .losses import LossSpec
 from .optim import OptimizerSpec, OptState
 from .params import ParamSpace
-from .store import open_reader
+from .model_io import Adapter, Inputs, join
+from .store import input_array, open_reader
 from .trust import Trust
 
 FLOAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+INPUT_KINDS = ("tensor", "dict", "tuple")
 
 
 @dataclass(frozen=True)
@@ -38,13 +43,18 @@ class StepMeta:
     clip: float
     weight: float
     batch: torch.Tensor
+    step: int
 
 
 class Run:
     """An opened trajectory store. ``explaind_ql.open(path)`` returns one."""
 
-    def __init__(self, path: str | os.PathLike, trust: Iterable[str] | str | None = None):
+    def __init__(self, path: str | os.PathLike, trust: Iterable[str] | str | None = None,
+                 model: torch.nn.Module | None = None):
         self.path = Path(path)
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise StoreError(f"model= must be a torch.nn.Module (the recorded architecture), not {type(model).__name__}")
+        self.model = model
         self.store = open_reader(self.path)
         self.attrs = a = self.store.attrs
         self.trust = Trust.current(trust)
@@ -54,6 +64,12 @@ class Run:
             self.loss = LossSpec(a["loss"]["name"], a["loss"]["reduction"])
             self.dtype = FLOAT_DTYPES[a["dtype"]]
             splits = list(a["splits"])
+            if a.get("inputs", "tensor") not in INPUT_KINDS or not all(isinstance(k, str) for k in self.input_keys):
+                raise ValueError(f"inputs {a.get('inputs')!r} with keys {self.input_keys!r}")
+            if a.get(STOCHASTIC) and type(a.get(DROPOUT_SEED)) is not int:
+                raise ValueError(f"dropout seed {a.get(DROPOUT_SEED)!r}")
+            if not (a.get("output") is None or isinstance(a.get("output"), (str, int))):
+                raise ValueError(f"output adapter {a.get('output')!r}")
         except (KeyError, ValueError, TypeError, AttributeError, RecordingError) as exc:
             raise StoreError(f"{self.path} has damaged metadata ({type(exc).__name__}: {exc}); "
                              "re-record the run") from None
@@ -73,7 +89,7 @@ class Run:
         """The arrays the metadata promises exist with the shapes and dtype it implies."""
         st = self.store
         need = ["theta", "ckpt_state", "opt_step", "opt_has_buf", *(f"opt_{b}" for b in self.spec.buffers),
-                *(f"{xy}_{n}" for n in splits for xy in "xy")]
+                *(v for n in splits for v in (*(input_array(n, k) for k in self.input_keys), f"y_{n}"))]
         if self.n_steps > 0:
             need += ["lr", "weight_decay", "clip", "weight", "batch_start", "batch_size", "batch_index", "loss"]
         for var in need:
@@ -89,24 +105,42 @@ class Run:
                                  f"describes {self.space.size} {self.attrs['dtype']} elements per state; "
                                  "re-record the run")
         for n in splits:
-            if st.shape(f"x_{n}")[:1] != st.shape(f"y_{n}")[:1]:
-                raise StoreError(f"{self.path} is damaged: split '{n}' has {st.shape(f'x_{n}')[0]} inputs but "
-                                 f"{st.shape(f'y_{n}')[0]} labels; re-record the run")
+            for k in self.input_keys:
+                if st.shape(input_array(n, k))[:1] != st.shape(f"y_{n}")[:1]:
+                    raise StoreError(f"{self.path} is damaged: split '{n}' has {st.shape(input_array(n, k))[0]} "
+                                     f"inputs but {st.shape(f'y_{n}')[0]} labels; re-record the run")
 
     # -- metadata ----------------------------------------------------------------------------
     @property
     def splits(self) -> list[str]:
         return list(self.attrs["splits"])
 
+    @property
+    def dropout_seed(self) -> int | None:
+        """The seed of the run's dropout masks (:mod:`explaind_ql.dropout`), when a training forward drew any."""
+        return int(self.attrs[DROPOUT_SEED]) if self.attrs.get(STOCHASTIC) else None
+
+    @property
+    def output(self) -> Adapter:
+        """How the model's output tensor is reached in what it returns (``"logits"``; None: it returns it)."""
+        return self.attrs.get("output")
+
     def split_size(self, name: str) -> int:
-        return int(self.store.shape(f"x_{name}")[0])
+        return int(self.store.shape(f"y_{name}")[0])
+
+    @property
+    def input_keys(self) -> list[str]:
+        """The names of the input tensors (``[""]`` for a model that takes one tensor)."""
+        return list(self.attrs.get("input_keys", [""]))
 
     @cached_property
-    def _split_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {n: (torch.from_numpy(self.store.read(f"x_{n}")), torch.from_numpy(self.store.read(f"y_{n}")))
+    def _split_tensors(self) -> dict[str, tuple[Inputs, torch.Tensor]]:
+        kind = self.attrs.get("inputs", "tensor")
+        return {n: (join(kind, {k: torch.from_numpy(self.store.read(input_array(n, k))) for k in self.input_keys}),
+                    torch.from_numpy(self.store.read(f"y_{n}")))
                 for n in self.splits}
 
-    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def split(self, name: str) -> tuple[Inputs, torch.Tensor]:
         return self._split_tensors[name]
 
     @property
@@ -159,7 +193,7 @@ class Run:
         start, size = int(self.step_var("batch_start")[s]), int(self.step_var("batch_size")[s])
         return StepMeta(self.step_var("lr")[s], self.step_var("weight_decay")[s],
                         float(self.step_var("clip")[s]), float(self.step_var("weight")[s]),
-                        torch.from_numpy(self._batch_index[start: start + size].copy()))
+                        torch.from_numpy(self._batch_index[start: start + size].copy()), s)
 
     def losses(self) -> np.ndarray:
         return self.step_var("loss")
@@ -195,12 +229,19 @@ class Run:
         return {n: torch.from_numpy(self.store.read(f"const_{i}")) for i, n in enumerate(names)}
 
     def build_model(self) -> torch.nn.Module:
-        """The model rebuilt from the recorded factory, if trusted (its weights are replaced per call)."""
-        model = build(str(self.attrs.get("factory")), self.attrs.get("factory_kwargs") or {}, self.trust)
+        """A copy of the model given to ``open(path, model=...)``, else the model rebuilt from the recorded
+        Hugging Face config or factory, if trusted (its weights are replaced per call either way)."""
+        if self.model is not None:
+            model, how = copy.deepcopy(self.model), ("the model given to open()", "give the architecture the run "
+                                                     "was recorded with")
+        else:
+            model, how = build(self.attrs, self.trust, self.path), ("the rebuilt model", "the model's code changed "
+                                                                    "since recording, or the store is damaged")
+        model = architecture.for_transforms(model)
         got = param_shapes(model)
         for info in self.space.params:
             if got.get(info.name) != tuple(info.shape):
-                raise StoreError(f"{self.path}: the rebuilt model's param '{info.name}' is "
-                                 f"{got.get(info.name, 'absent')}, but the store recorded {tuple(info.shape)}; "
-                                 "the factory's code changed since recording, or the store is damaged")
+                has = f"param '{info.name}' of shape {got[info.name]}" if info.name in got else f"no param '{info.name}'"
+                raise StoreError(f"{self.path}: {how[0]} has {has}, but the store recorded {tuple(info.shape)}; "
+                                 f"{how[1]}")
         return model

@@ -147,6 +147,9 @@ def resolve_items(q: Query, sel: SplitSel, run: Run) -> tuple[int, ...]:
     return tuple(items)
 
 
+SEQUENCE_TARGETS = ("loss", "logprob")
+
+
 def _is_classifier(run: Run, split: str) -> bool:
     y = run.split(split)[1]
     return not y.is_floating_point() and y.dim() == 1
@@ -206,7 +209,13 @@ def bind(q: Query, run: Run, clauses: Clauses, distributed: bool = False) -> Bou
         default = "test" if "test" in run.splits else run.splits[-1]
         tsel, kind, output, tpos = SplitSel(default, AllItems()), "label", None, q.pos
     items = resolve_items(q, tsel, run)
-    if kind in ("label", "logprob", "prob", "margin") and not _is_classifier(run, tsel.split):
+    if run.loss.sequence:  # a sequence's targets are its token loss and its log-likelihood
+        if q.target is None:
+            kind = "loss"
+        elif kind not in SEQUENCE_TARGETS:
+            raise query_error(q, f"'{kind}' is a per-class target, but this run's items are token sequences "
+                                 f"(LM loss); use {' or '.join(f'{k}(...)' for k in SEQUENCE_TARGETS)}", tpos)
+    elif kind in ("label", "logprob", "prob", "margin") and not _is_classifier(run, tsel.split):
         if q.target is not None and kind != "label":
             raise query_error(q, f"'{kind}' needs class labels, but {tsel.split} has real-valued targets", tpos)
         kind = "outputs"  # regression: the default target is every output

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from .. import model_io
 from ..run import Run
 from . import targets
 from .model_fn import ModelFn, forward_facts
@@ -44,9 +45,8 @@ def measured(forward: Callable[[], torch.Tensor]) -> dict:
 
 def _rebuilt(run: Run) -> dict:
     """``model_facts`` of a store recorded without them: its model rebuilt, at its first state."""
-    fn = ModelFn(run.build_model(), run.space, run.constants, run.loss, torch.device("cpu"), torch.float64)
-    x = run.split(run.splits[0])[0][:1]
-    x = x.to(torch.float64) if x.is_floating_point() else x
+    fn = ModelFn.for_run(run, torch.device("cpu"), torch.float64)
+    x = model_io.to(model_io.apply(run.split(run.splits[0])[0], lambda t: t[:1]), "cpu", torch.float64)
     return measured(lambda: fn._call(run.stored_state(0)[0].to(torch.float64), None, None, x))
 
 

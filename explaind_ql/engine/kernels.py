@@ -31,13 +31,13 @@ from typing import Callable
 import psutil
 import torch
 
-from .. import progress
+from .. import dropout, model_io, progress
 from ..optim import LinearStep
 from ..params import ParamSpace
 from ..run import Run
 from . import quadrature, targets
 from .facts import facts_for, measured
-from .model_fn import ModelFn, Path
+from .model_fn import Draw, ModelFn, Path
 from .targets import TargetSpec
 from .trajectory import StepRecord, Trajectory
 
@@ -125,23 +125,30 @@ class Engine:
 
     def __init__(self, run: Run, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64):
         self.run, self.device, self.dtype = run, torch.device(device), dtype
-        self.fn = ModelFn(run.build_model(), run.space, run.constants, run.loss, self.device, dtype)
+        self.fn = ModelFn.for_run(run, self.device, dtype)
+        self.dropout_seed = run.dropout_seed
         self.traj = Trajectory(run, self.device, dtype)
-        self._split_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._split_cache: dict[str, tuple[model_io.Inputs, torch.Tensor]] = {}
         self.theta0 = run.stored_state(0)[0].to(self.device, dtype)
-        first = self.split(run.splits[0])[0][:1]
+        first = model_io.apply(self.split(run.splits[0])[0], lambda t: t[:1])
         self.facts = facts_for(run, self.device, dtype, lambda: measured(lambda: self.fn._call(self.theta0, None, None, first)))
 
     def target_labels(self, spec: TargetSpec) -> list[tuple[int | None, int | None]]:
         return self.facts.target_labels(spec)
 
     # -- inputs ------------------------------------------------------------------------------
-    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def split(self, name: str) -> tuple[model_io.Inputs, torch.Tensor]:
         if name not in self._split_cache:
             x, y = self.run.split(name)
-            x = x.to(self.device, self.dtype) if x.is_floating_point() else x.to(self.device)
-            self._split_cache[name] = (x, y.to(self.device))
+            self._split_cache[name] = (model_io.to(x, self.device, self.dtype), y.to(self.device))
         return self._split_cache[name]
+
+    def train_items(self, rec: StepRecord, pos: torch.Tensor) -> tuple[model_io.Inputs, torch.Tensor, Draw | None]:
+        """Inputs, labels and dropout draw of the items at positions ``pos`` of step ``rec``'s batch."""
+        index = rec.meta.batch.to(self.device)[pos]
+        x, y = self.split("train")
+        draw = None if self.dropout_seed is None else (dropout.step_seed(self.dropout_seed, rec.s), pos)
+        return model_io.apply(x, lambda t: t[index]), y[index], draw
 
     # -- entry point -------------------------------------------------------------------------
     def run_request(self, req: Request) -> Result:
@@ -219,7 +226,7 @@ class Lanes:
     of a lane's ReLU inputs reach its targets, ``segments`` how many of them each ReLU call has.
     """
 
-    x: torch.Tensor
+    x: model_io.Inputs
     y: torch.Tensor
     target: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     summed: bool = False
@@ -228,20 +235,24 @@ class Lanes:
 
     @property
     def count(self) -> int:
-        return len(self.x)
+        return model_io.count(self.x)
 
     def targets_per_lane(self, T: int) -> int:
         return T if self.summed else T // self.count
 
     def subset(self, keep: torch.Tensor) -> Lanes:
         """The one-item lanes of ``keep`` (a mask over them), still summed."""
-        return dataclasses.replace(self, x=self.x[keep], y=self.y[keep],
+        return dataclasses.replace(self, x=self.xs(keep), y=self.y[keep],
                                    live=None if self.live is None else self.live[keep])
 
     def joined(self, keep: torch.Tensor, target: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Lanes:
         """One lane of the one-item lanes of ``keep``, integrated as one summed target by the plain rule
         (their steps have no kinks)."""
-        return Lanes(self.x[keep][None, :, 0], self.y[keep][None, :, 0], target)
+        return Lanes(model_io.apply(self.x, lambda t: t[keep][None, :, 0]), self.y[keep][None, :, 0], target)
+
+    def xs(self, index) -> model_io.Inputs:
+        """The inputs of the lanes ``index`` picks."""
+        return model_io.apply(self.x, lambda t: t[index])
 
 
 def _rss() -> int:
@@ -262,7 +273,7 @@ class _Context:
         self.gidx, self.G, self.masks = self.groups.gidx, self.groups.G, self.groups.masks
         x, y = eng.split(req.target.split)
         items = torch.tensor(req.target.items, device=dev)
-        self.x_items = x[items]
+        self.x_items = model_io.apply(x, lambda t: t[items])
         self.target_fn = targets.make(req.target, y[items], eng.run.loss)
         # quadrature lanes: each test item on its own when items are kept, or when the model has ReLU
         # kinks (aggregated targets are then summed afterwards, and each step joins the items without
@@ -272,7 +283,7 @@ class _Context:
         per_item = len(req.target.items) > 1 and (req.target.keep_test or self.kinked)
         spec = dataclasses.replace(req.target, keep_test=True) if per_item else req.target
         loss = eng.run.loss
-        lanes = Lanes(x[items][:, None] if per_item else x[items][None],
+        lanes = Lanes(model_io.apply(self.x_items, lambda t: t[:, None] if per_item else t[None]),
                       y[items][:, None] if per_item else y[items][None],
                       lambda out, yl: targets.make(spec, yl, loss)(out),
                       summed=per_item and not req.target.keep_test, segments=eng.facts.kink_segments)
@@ -356,7 +367,7 @@ class _Context:
     def _joinable(self) -> bool:
         """Whether a batch of items runs every ReLU call on their inputs item by item (batch-major),
         so that one forward pass over all items tells which items' units cross zero."""
-        x = self.lanes.x[:2, 0]
+        x = self.lanes.xs((slice(0, 2), 0))
         return self.eng.fn.kink_segments(self.eng.theta0, x) == tuple(2 * s for s in self.lanes.segments)
 
     def _lane_sets(self, path: Path) -> list[tuple[Lanes, float]]:
@@ -370,7 +381,7 @@ class _Context:
         lanes = self.lanes
         if not self.joinable or lanes.count < 2:
             return [(lanes, 1.0)]
-        x = lanes.x[None, :, 0].expand(2, *lanes.x[:, 0].shape)
+        x = model_io.apply(lanes.x, lambda t: t[None, :, 0].expand(2, *t[:, 0].shape))
         z, d = path.slopes(torch.tensor([0.0, 1.0], dtype=self.eng.dtype, device=self.eng.device), x)
         crossing = quadrature.locate_kinks(z[0], z[1], d[0], d[1]).sign != 0  # each call's inputs, item-major
         calls = [c.view(lanes.count, -1) for c in crossing.split(tuple(lanes.count * s for s in lanes.segments))]
@@ -380,7 +391,7 @@ class _Context:
             return [(lanes, 1.0)]
         share = 1 - float(kinked.float().mean())
         smooth = lanes.joined(~kinked, self.joint_target)
-        self.joined_items += len(smooth.x[0])
+        self.joined_items += model_io.count(smooth.xs(0))
         return [(smooth, share)] + ([(lanes.subset(kinked), 1 - share)] if bool(kinked.any()) else [])
 
     def _integrate(self, rec: StepRecord, path: Path, at_rows, along, spread, error, row_bytes, cat_dim: int,
@@ -412,7 +423,7 @@ class _Context:
 
         def rows(per: int, f, ts: torch.Tensor, ln: torch.Tensor, *extra: torch.Tensor):
             parts = zip(ts.split(per), ln.split(per), *(e.split(per) for e in extra))
-            outs = [f(t, lanes.x[lane], lanes.y[lane], *ex) for t, lane, *ex in parts]
+            outs = [f(t, lanes.xs(lane), lanes.y[lane], *ex) for t, lane, *ex in parts]
             return tuple(map(torch.cat, zip(*outs))) if isinstance(outs[0], tuple) else torch.cat(outs)
 
         # the exact change F(θ + tΔθ): the integrands of a restricted selection carry the other params'
@@ -478,7 +489,7 @@ class _Context:
         jumps = rows.jumps or ()
 
         def of(pick: torch.Tensor) -> torch.Tensor:
-            return sum(path.gradient(self.sel, lanes.target, rows.ts[k], rows.weights[k], lanes.x[rows.lanes[k]],
+            return sum(path.gradient(self.sel, lanes.target, rows.ts[k], rows.weights[k], lanes.xs(rows.lanes[k]),
                                      lanes.y[rows.lanes[k]], tuple(j[k] for j in jumps) or None, rest)
                        for k in pick.split(per))
         everything = torch.arange(len(rows.ts), device=rows.ts.device)
@@ -553,7 +564,7 @@ class _Context:
 
     def _activations(self, lanes: Lanes) -> tuple[int, int]:
         """(all, largest) intermediate elements of one lane's forward pass (measured once per shape)."""
-        return self.eng.fn.activation_elements(self.eng.theta0, lanes.x[0])
+        return self.eng.fn.activation_elements(self.eng.theta0, lanes.xs(0))
 
     def check_step(self, k: int, rec: StepRecord, explained: torch.Tensor) -> None:
         self.step_actual[k] = self._f(rec.theta_next) - self._f(rec.theta)
@@ -563,18 +574,17 @@ class _Context:
     def contract(self, phi: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         return self.groups.contract(phi, vec)
 
-    def batch_examples(self, rec: StepRecord) -> tuple[torch.Tensor, torch.Tensor]:
-        """Selected examples of the step's batch (train indices) and their output columns."""
+    def batch_examples(self, rec: StepRecord) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Selected examples of the step's batch: train indices, output columns, positions in the batch."""
         b = rec.meta.batch.to(self.eng.device)
         cols = self.col[b]
         keep = cols >= 0
-        return b[keep], cols[keep]
+        return b[keep], cols[keep], keep.nonzero()[:, 0]
 
-    def pegrads(self, rec: StepRecord, ex: torch.Tensor) -> torch.Tensor:
+    def pegrads(self, rec: StepRecord, pos: torch.Tensor) -> torch.Tensor:
         """c_s w_s g_{s,k}: (n, P_sel) clipped, weighted per-example gradients of the selected params."""
         rss0 = _rss()
-        x, y = self.eng.split("train")
-        g = self.eng.fn.per_example_grads(self.sel, rec.theta[self.idx], rec.theta, x[ex], y[ex])
+        g = self.eng.fn.per_example_grads(self.sel, rec.theta[self.idx], rec.theta, *self.eng.train_items(rec, pos))
         self.grown["train"] = max(self.grown["train"], _rss() - rss0)
         return g * (rec.meta.clip * rec.meta.weight)
 
@@ -619,11 +629,11 @@ class _Context:
             if not per_example:
                 self.grad[bn, :, 0] += self.contract(phi, rec.delta[idx] - decay - carry)
                 continue
-            ex, _ = self.batch_examples(rec)
+            ex, _, pos = self.batch_examples(rec)
             m_ex *= ls.a
             x_now = torch.zeros(0)
             if len(ex):
-                g = self.pegrads(rec, ex)
+                g = self.pegrads(rec, pos)
                 m_ex.index_add_(0, slot[ex], ls.b * g)
                 x_now = ls.out_coef() * m_ex
                 x_now.index_add_(0, slot[ex], ls.direct_coef() * g)
@@ -679,31 +689,31 @@ class _Context:
         a_vec = ls.b * q + ls.direct_coef() * phi  # A_i, (T, P_sel)
         th = rec.theta[self.idx]
         self.wd[0] += self.contract(a_vec, ls.lam_c * th) + self.contract(phi, -ls.eta * ls.lam_d * th)
-        ex, cols = self.batch_examples(rec)
+        ex, cols, pos = self.batch_examples(rec)
         if len(ex):
             scale = rec.meta.clip * rec.meta.weight
-            self.grad[0].index_add_(1, cols, self._batch_influence(rec, ex, a_vec) * scale)
+            self.grad[0].index_add_(1, cols, self._batch_influence(rec, pos, a_vec) * scale)
         return q, ls.a
 
-    def _batch_influence(self, rec: StepRecord, ex: torch.Tensor, a_vec: torch.Tensor) -> torch.Tensor:
+    def _batch_influence(self, rec: StepRecord, pos: torch.Tensor, a_vec: torch.Tensor) -> torch.Tensor:
         """(T, n, G): g_{i,k}·A_i per group for the batch's selected examples."""
         rss0 = _rss()
-        out = self._batch_influence_of(rec, ex, a_vec)
+        out = self._batch_influence_of(rec, pos, a_vec)
         self.grown["train"] = max(self.grown["train"], _rss() - rss0)
         return out
 
-    def _batch_influence_of(self, rec: StepRecord, ex: torch.Tensor, a_vec: torch.Tensor) -> torch.Tensor:
+    def _batch_influence_of(self, rec: StepRecord, pos: torch.Tensor, a_vec: torch.Tensor) -> torch.Tensor:
         T, G = a_vec.shape[0], self.G
         if T * G <= JVP_MAX_TANGENTS and self.masks is not None:
             onehot = torch.zeros(G, self.sel.size, dtype=a_vec.dtype, device=a_vec.device)
             onehot[self.gidx, torch.arange(self.sel.size, device=a_vec.device)] = 1
             tangents = (a_vec[:, None, :] * onehot[None]).reshape(T * G, -1)
-            x, y = self.eng.split("train")
-            d = self.eng.fn.per_example_jvp(self.sel, rec.theta[self.idx], rec.theta, x[ex], y[ex], tangents)
+            x, y, draw = self.eng.train_items(rec, pos)
+            d = self.eng.fn.per_example_jvp(self.sel, rec.theta[self.idx], rec.theta, x, y, tangents, draw)
             self.stats["jvp"] = True
             return d.reshape(T, G, -1).permute(0, 2, 1)
         return self.contract(a_vec, self.eng.fn.per_example_grads(
-            self.sel, rec.theta[self.idx], rec.theta, *(t[ex] for t in self.eng.split("train"))))
+            self.sel, rec.theta[self.idx], rec.theta, *self.eng.train_items(rec, pos)))
 
     # -- result ------------------------------------------------------------------------------
     def result(self) -> Result:

@@ -7,18 +7,22 @@ read from the full vector.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
+from torch.func import grad, jacfwd, jacrev, jvp, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
+from .. import dropout, model_io
 from ..losses import LossSpec
+from ..model_io import Adapter, Inputs
 from ..params import ParamSpace
 
 if TYPE_CHECKING:
+    from ..run import Run
     from .kernels import Groups
 
 
@@ -214,6 +218,7 @@ class _Probed(TorchFunctionMode):
         return out
 
 
+Draw = tuple[int, torch.Tensor]  # a step's dropout seed, and the positions of items in its batch
 Jumps = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # one row's (weight, tail, share, end side)
 
 
@@ -246,9 +251,9 @@ class ModelFn:
     """Forward, batch gradient, per-example gradients and JVPs of one rebuilt model."""
 
     def __init__(self, model: torch.nn.Module, space: ParamSpace, constants: dict[str, torch.Tensor],
-                 loss: LossSpec, device: torch.device, dtype: torch.dtype):
+                 loss: LossSpec, device: torch.device, dtype: torch.dtype, output: Adapter = None):
         self.model = model.to(device=device, dtype=dtype).eval()
-        self.space, self.loss, self.device, self.dtype = space, loss, device, dtype
+        self.space, self.loss, self.device, self.dtype, self.output = space, loss, device, dtype, output
         self.constants = {n: (c.to(device=device, dtype=dtype) if c.is_floating_point() else c.to(device))
                           for n, c in constants.items()}
         self._loss_fn = loss.fn
@@ -256,39 +261,67 @@ class ModelFn:
         self._activations: dict[tuple, tuple[int, int]] = {}
 
     def _call(self, theta_full: torch.Tensor, sel: ParamSpace | None, theta_sel: torch.Tensor | None,
-              x: torch.Tensor) -> torch.Tensor:
+              x: Inputs) -> torch.Tensor:
         named = self.space.unflatten(theta_full)
         if sel is not None:
             named.update(sel.unflatten(theta_sel))
-        return functional_call(self.model, {**self.constants, **named}, (x,))
+        return model_io.call(self.model, {**self.constants, **named}, x, self.output)
 
-    def forward(self, theta_full: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def for_run(cls, run: Run, device: torch.device, dtype: torch.dtype) -> ModelFn:
+        """The run's model (given to ``open``, or rebuilt) as functions of its flat params."""
+        return cls(run.build_model(), run.space, run.constants, run.loss, device, dtype, run.output)
+
+    def forward(self, theta_full: torch.Tensor, x: Inputs) -> torch.Tensor:
         with torch.no_grad():
             return self._call(theta_full, None, None, x)
 
-    def summed_grad(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # -- train side: the losses of training examples, with the dropout masks their update drew ------------
+    @contextlib.contextmanager
+    def _training(self, draw: Draw | None, rows: torch.Tensor | None = None):
+        """The model as training ran it on items at positions ``rows`` of a step's batch (``draw``: the step's
+        seed and the items' positions; None: a run without dropout, whose training forward is its eval one)."""
+        if draw is None:
+            yield
+            return
+        self.model.train()
+        try:
+            with dropout.Masks(draw[0], draw[1] if rows is None else rows):
+                yield
+        finally:
+            self.model.eval()
+
+    def summed_grad(self, theta: torch.Tensor, x: Inputs, y: torch.Tensor, draw: Draw | None = None) -> torch.Tensor:
         """(P,) Σ_k ∇ loss_k: the per-example gradients' sum, by one backward pass of the batch."""
-        return grad(lambda th: self._loss_fn(self._call(th, None, None, x), y).sum())(theta)
+        def total(th):
+            with self._training(draw):
+                return self._loss_fn(self._call(th, None, None, x), y).sum()
+        return grad(total)(theta)
 
     def per_example_grads(self, sel: ParamSpace, theta_sel: torch.Tensor, theta_full: torch.Tensor,
-                          x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                          x: Inputs, y: torch.Tensor, draw: Draw | None = None) -> torch.Tensor:
         """(B, P_sel) loss gradients, one row per example, for the selected params only."""
-        def one(th, xi, yi):
-            return self._loss_fn(self._call(theta_full, sel, th, xi[None]), yi[None])[0]
-        return vmap(grad(one), in_dims=(None, 0, 0))(theta_sel, x, y)
+        rows = draw[1] if draw is not None else torch.zeros(len(y), dtype=torch.long, device=y.device)
+
+        def one(th, xi, yi, ri):
+            with self._training(draw, ri[None]):
+                out = self._call(theta_full, sel, th, model_io.apply(xi, lambda t: t[None]))
+            return self._loss_fn(out, yi[None])[0]
+        return vmap(grad(one), in_dims=(None, 0, 0, 0))(theta_sel, x, y, rows)
 
     def per_example_jvp(self, sel: ParamSpace, theta_sel: torch.Tensor, theta_full: torch.Tensor,
-                        x: torch.Tensor, y: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
+                        x: Inputs, y: torch.Tensor, tangents: torch.Tensor, draw: Draw | None = None) -> torch.Tensor:
         """(K, B): directional derivatives g_k · t for K tangents, by forward mode (no per-example grads)."""
         def losses(th):
-            return self._loss_fn(self._call(theta_full, sel, th, x), y)
+            with self._training(draw):
+                return self._loss_fn(self._call(theta_full, sel, th, x), y)
 
         def one(t):
             return jvp(losses, (theta_sel,), (t,))[1]
         try:
             return vmap(one)(tangents)
         except (RuntimeError, NotImplementedError):  # an op without forward-mode AD: contract explicitly
-            g = self.per_example_grads(sel, theta_sel, theta_full, x, y)
+            g = self.per_example_grads(sel, theta_sel, theta_full, x, y, draw)
             return tangents @ g.T
 
     # -- test side: one row per (point, lane); a lane is a batch of test items and its labels ---------
@@ -297,28 +330,28 @@ class ModelFn:
             return target(self._call(th_full, sel, th_sel, x), y)
         return f
 
-    def activation_elements(self, theta_full: torch.Tensor, x: torch.Tensor) -> tuple[int, int]:
+    def activation_elements(self, theta_full: torch.Tensor, x: Inputs) -> tuple[int, int]:
         """(all, largest): elements of the intermediate tensors of one forward pass on ``x``.
 
         Reverse mode keeps them all; forward mode only a few at a time. Sizes batched calls.
         """
-        key = tuple(x.shape)
+        key = tuple(tuple(t.shape) for t in tree_leaves(x))
         if key not in self._activations:
             with torch.no_grad(), _Sizes() as sizes:
                 self._call(theta_full, None, None, x)
             self._activations[key] = (sizes.elements, sizes.largest)
         return self._activations[key]
 
-    def kink_segments(self, theta_full: torch.Tensor, x: torch.Tensor) -> tuple[int, ...]:
+    def kink_segments(self, theta_full: torch.Tensor, x: Inputs) -> tuple[int, ...]:
         """How many ReLU-family inputs each kinked call of a forward pass on ``x`` has, in call order."""
         return forward_facts(lambda: self._call(theta_full, None, None, x))[1]
 
-    def live_sites(self, theta_full: torch.Tensor, target: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def live_sites(self, theta_full: torch.Tensor, target: Callable, x: Inputs, y: torch.Tensor) -> torch.Tensor:
         """(L, U) for each lane's ReLU inputs: whether that unit's output reaches the lane's targets.
 
         A unit that does not (a position the output never reads) has no kink that changes F.
         """
-        U = sum(self.kink_segments(theta_full, x[0]))
+        U = sum(self.kink_segments(theta_full, model_io.apply(x, lambda t: t[0])))
 
         def reach(probe, xi, yi):
             with _Probed(probe):
@@ -326,7 +359,7 @@ class ModelFn:
         return vmap(grad(reach), in_dims=(None, 0, 0))(theta_full.new_zeros(U), x, y) != 0
 
     def lane_jacobian(self, sel: ParamSpace, target: Callable, theta_sel: torch.Tensor, points: torch.Tensor,
-                      x: torch.Tensor, y: torch.Tensor, jumps: Jumps | None = None) -> torch.Tensor:
+                      x: Inputs, y: torch.Tensor, jumps: Jumps | None = None) -> torch.Tensor:
         """(m, C, P_sel) Jacobian of each row's lane targets wrt the selected params at its point.
 
         With ``jumps`` (per row), the Jacobian of the row's weighted value plus its kink jumps (:func:`_with_jumps`).
@@ -369,15 +402,15 @@ class Path:
                            for p, g in zip(sel.params, groups.per_param)}
             self.info.update({id(self.named[n]): (g, moved[n], vs) for n, (g, vs) in self.stacks.items()})
 
-    def run(self, t: torch.Tensor, alpha: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    def run(self, t: torch.Tensor, alpha: torch.Tensor | None, x: Inputs) -> torch.Tensor:
         named, info = self.named, self.info
         if alpha is not None and self.moved_rows:
             named = self.fn.space.unflatten(self.theta + _scaled(self.delta, t))
             info = {id(named[n]): (g, None, vs) for n, (g, vs) in self.stacks.items()}
         with _AlongPath(info, t, alpha):
-            return functional_call(self.fn.model, {**self.fn.constants, **named}, (x,))
+            return model_io.call(self.fn.model, {**self.fn.constants, **named}, x, self.fn.output)
 
-    def gradient(self, sel: ParamSpace, target: Callable, ts: torch.Tensor, weights: torch.Tensor, x: torch.Tensor,
+    def gradient(self, sel: ParamSpace, target: Callable, ts: torch.Tensor, weights: torch.Tensor, x: Inputs,
                  y: torch.Tensor, jumps: Jumps | None = None, rest: torch.Tensor | None = None) -> torch.Tensor:
         """(C, P_sel) Σ_j weights_j ∇F(θ + ts_j Δθ) over rows of one lane each, wrt the selected params.
 
@@ -402,18 +435,19 @@ class Path:
             def row(t, xi, yi, c, *jump):
                 def value():
                     with _AlongPath(info, t, None):
-                        return target(functional_call(self.fn.model, {**self.fn.constants, **named}, (xi,)), yi)
+                        return target(model_io.call(self.fn.model, {**self.fn.constants, **named}, xi, self.fn.output),
+                                      yi)
                 return c * value() if not jump else _with_jumps(value, jump)
             return vmap(row)(ts, x, y, weights, *(jumps or ())).sum(0)
         j_sel, j_rest = jacrev(total, argnums=(0, 1))(self.theta[idx], self.theta.new_zeros(()))
         return j_sel if rest is None else torch.cat([j_sel, j_rest[:, None]], -1)
 
-    def values(self, target: Callable, ts: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def values(self, target: Callable, ts: torch.Tensor, x: Inputs, y: torch.Tensor) -> torch.Tensor:
         """(m, C) target values of each row's lane at its t (no derivative)."""
         with torch.no_grad():
             return vmap(lambda t, xi, yi: target(self.run(t, None, xi), yi))(ts, x, y)
 
-    def slopes(self, ts: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def slopes(self, ts: torch.Tensor, x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(m, U) twice: every ReLU input of each row's forward pass and its derivative in t (forward mode)."""
         def f(t, xi):
             def z_of(tt):
@@ -423,7 +457,7 @@ class Path:
             return jvp(z_of, (t,), (torch.ones_like(t),))
         return vmap(f)(ts, x)
 
-    def projections(self, target: Callable, ts: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+    def projections(self, target: Callable, ts: torch.Tensor, x: Inputs, y: torch.Tensor,
                     n_targets: int, jumps: Jumps | None = None) -> torch.Tensor:
         """(m, V, G, C): each row's lane targets differentiated at its t along each vector on each group.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import model_io
 from .kernels import Engine
 
 CHUNK_BYTES = 64 << 20  # activations of the batch held at once (a reverse pass keeps about all of them)
@@ -20,14 +21,14 @@ CHUNK_BYTES = 64 << 20  # activations of the batch held at once (a reverse pass 
 def update_errors(engine: Engine, a: int, b: int) -> torch.Tensor:
     """Max |Δθ_rebuilt − Δθ_recorded| / max |Δθ_recorded| for each step in a..b-1."""
     fn = engine.fn
-    x, y = engine.split("train")
-    chunk = max(1, CHUNK_BYTES // (fn.itemsize * max(1, fn.activation_elements(engine.theta0, x[:1])[0])))
+    x = engine.split("train")[0]
+    first = model_io.apply(x, lambda t: t[:1])
+    chunk = max(1, CHUNK_BYTES // (fn.itemsize * max(1, fn.activation_elements(engine.theta0, first)[0])))
     errs = []
     for rec in engine.traj.walk(a, b):
-        batch = rec.meta.batch.to(engine.device)
         g = torch.zeros_like(rec.theta)
-        for part in batch.split(chunk):
-            g += fn.summed_grad(rec.theta, x[part], y[part])
+        for part in torch.arange(len(rec.meta.batch), device=engine.device).split(chunk):
+            g += fn.summed_grad(rec.theta, *engine.train_items(rec, part))
         g = g * (rec.meta.clip * rec.meta.weight)
         ls = rec.linear
         drive = ls.drive(rec.theta, g)

@@ -12,11 +12,14 @@ checkpoint is still measured and reported.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
 import torch.nn.functional as F
 
+from .. import model_io
+from ..dropout import Masks, step_seed
 from ..optim import OptState
 from ..run import Run, StepMeta
 
@@ -28,7 +31,8 @@ class TorchReplay:
 
     def __init__(self, run: Run, device: torch.device):
         self.run, self.device = run, device
-        self.model = run.build_model().to(device=device, dtype=run.dtype)
+        # training mode only where it drew dropout masks (replayed by Masks); else eval, which draws none
+        self.model = run.build_model().to(device=device, dtype=run.dtype).train(run.dropout_seed is not None)
         self.model.load_state_dict({k: v.to(device) for k, v in run.constants.items()}, strict=False)
         named = dict(self.model.named_parameters())
         trained = set(run.space.names)
@@ -43,14 +47,13 @@ class TorchReplay:
             groups.append({**kw, "params": [p for p, info in zip(self.params, run.space.params) if info.group == gi]})
         self.opt = cls(groups)
         x, y = run.split("train")
-        self.x = x.to(device, run.dtype) if x.is_floating_point() else x.to(device)
-        self.y = y.to(device)
+        self.x, self.y = model_io.to(x, device, run.dtype), y.to(device)
         loss = run.loss
         if loss.name in REDUCED:
             fn = REDUCED[loss.name]
-            self.loss = lambda out, t: fn(out, t.to(out.dtype) if loss.name == "mse" else t, reduction=loss.reduction)
-        else:
-            self.loss = lambda out, t: getattr(loss.per_example(out, t), loss.reduction)()
+            self.loss = lambda out, t, w: fn(out, t.to(out.dtype) if loss.name == "mse" else t, reduction=loss.reduction)
+        else:  # the recorded weight (the LM loss's 1/batch tokens): what the model's own loss divided by
+            self.loss = lambda out, t, w: (loss.per_example(out, t) * w).sum()
 
     def step(self, theta: torch.Tensor, state: OptState, meta: StepMeta) -> tuple[torch.Tensor, OptState]:
         run = self.run
@@ -68,7 +71,10 @@ class TorchReplay:
         for g, lr, wd in zip(self.opt.param_groups, meta.lr, meta.weight_decay):
             g["lr"], g["weight_decay"] = float(lr), float(wd)
         b = meta.batch.to(self.device)
-        self.loss(self.model(self.x[b]), self.y[b]).backward()
+        seed = run.dropout_seed
+        with contextlib.nullcontext() if seed is None else Masks(step_seed(seed, meta.step), torch.arange(len(b))):
+            out = model_io.forward(self.model, model_io.apply(self.x, lambda t: t[b]), run.output)
+        self.loss(out, self.y[b], meta.weight).backward()
         if meta.clip != 1.0:
             scale = torch.tensor(meta.clip, dtype=run.dtype, device=self.device)
             for p in self.params:

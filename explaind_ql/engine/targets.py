@@ -44,6 +44,8 @@ def values(spec: TargetSpec, out: torch.Tensor, y: torch.Tensor, loss: LossSpec)
     if k == "loss":
         return loss.per_example(out, y).reshape(-1, 1)
     if k == "logprob":
+        if loss.sequence:  # the sequence's log-likelihood: minus its summed next-token loss
+            return -loss.per_example(out, y).reshape(-1, 1)
         return _at_label(F.log_softmax(out2, dim=1), y)
     if k == "prob":
         return _at_label(F.softmax(out2, dim=1), y)

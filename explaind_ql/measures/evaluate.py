@@ -9,7 +9,9 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
+from .. import model_io
 from ..engine.kernels import Engine
+from ..losses import IGNORE
 from ..lang.ast import Query
 from ..run import Run
 from ..semantic import Bound, Clauses, query_error, resolve_components
@@ -54,7 +56,7 @@ def frame(c: Computed) -> pl.DataFrame:
     assert isinstance(ev, Evaluation) and eng is not None
     x, y = eng.split(b.target_split)
     idx = torch.tensor(b.test_items, device=eng.device)
-    x, y = x[idx], y[idx]
+    x, y = model_io.apply(x, lambda t: t[idx]), y[idx]
     wanted = sorted(set(ev.steps) | {run.n_steps} | ({ev.swap_step} if ev.swap_step is not None else set()))
     states = _states_at(run, eng, wanted)
     swap_idx = None
@@ -67,17 +69,28 @@ def frame(c: Computed) -> pl.DataFrame:
         if swap_idx is not None:
             theta[swap_idx] = states[ev.swap_step][swap_idx]
         out = eng.fn.forward(theta, x)
-        logp = F.log_softmax(out.reshape(len(x), -1), dim=1)
+        logp = _logp(eng, theta, x, out)
         rows["step"].append(s)
-        classifier = not y.is_floating_point()
-        rows["accuracy"].append(float((out.argmax(1) == y).double().mean()) if classifier else float("nan"))
+        rows["accuracy"].append(_accuracy(run, out, y))
         rows["loss"].append(float(run.loss.per_example(out, y).mean()))
         rows["kl_to_final"].append(float((final_logp.exp() * (final_logp - logp)).sum(1).mean()))
     return pl.DataFrame(rows)
 
 
-def _logp(eng: Engine, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(eng.fn.forward(theta, x).reshape(len(x), -1), dim=1)
+def _accuracy(run: Run, out: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy: of the classes, or of the predicted tokens of sequences; NaN for real-valued targets."""
+    if run.loss.sequence:
+        pred, labels = out[:, :-1].argmax(-1), y[:, 1:]
+        keep = labels != IGNORE
+        return float((pred[keep] == labels[keep]).double().mean())
+    return float((out.argmax(1) == y).double().mean()) if not y.is_floating_point() else float("nan")
+
+
+def _logp(eng: Engine, theta: torch.Tensor, x: model_io.Inputs, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-probabilities, one row per item (per position of a sequence)."""
+    out = eng.fn.forward(theta, x) if out is None else out
+    rows = out.flatten(0, -2) if eng.run.loss.sequence else out.reshape(len(out), -1)
+    return F.log_softmax(rows, dim=1)
 
 
 def _states_at(run: Run, eng: Engine, steps: list[int]) -> dict[int, torch.Tensor]:

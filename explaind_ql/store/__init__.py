@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from . import zarr_store
-from .base import FORMAT_KEY, FORMAT_VERSION, Layout, Reader, Writer
+from .base import FORMAT_KEY, FORMAT_VERSION, Layout, Reader, Writer, input_array
 from .lock import lock_path
 
 SUFFIX = ".zarr"  # the suffix a store's directory conventionally carries
@@ -38,4 +38,4 @@ def run_name(path: str | os.PathLike) -> str:
 
 
 __all__ = ["FORMAT_KEY", "FORMAT_VERSION", "SUFFIX", "Layout", "Reader", "Writer", "create_writer",
-           "lock_path", "open_reader", "run_name", "stamp"]
+           "input_array", "lock_path", "open_reader", "run_name", "stamp"]

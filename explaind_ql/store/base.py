@@ -11,7 +11,8 @@ Layout (format version 2), named arrays on three appendable dimensions:
   ``weight`` (w_{s,k}, uniform within a batch), ``batch_start``, ``batch_size``.
 - ``sample``: the batches end to end, ``batch_index(sample)``.
 
-Plus the splits (``x_<split>``, ``y_<split>``), the model's constant tensors
+Plus the splits (``x_<split>``, ``y_<split>``; inputs that are a dict or tuple of tensors store
+one ``x_<split>__<key>`` each, named by the ``inputs`` and ``input_keys`` attrs), the model's constant tensors
 (``const_<i>``) and the root attrs, which carry the commit (``committed_steps``,
 ``committed_ckpts``, ``closed``).
 
@@ -29,8 +30,15 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from ..model_io import Inputs
+
 FORMAT_VERSION = 2
 FORMAT_KEY = "explaind_format"
+
+
+def input_array(split: str, key: str) -> str:
+    """The array of one input tensor of a split (``key`` is '' for a plain tensor input)."""
+    return f"x_{split}__{key}" if key else f"x_{split}"
 
 
 @dataclass(frozen=True)
@@ -44,7 +52,7 @@ class Layout:
     buffers: tuple[str, ...]
     chunk_steps: int  # step rows per flush
     ckpt_flush: int  # state rows per flush
-    splits: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    splits: dict[str, tuple[Inputs, torch.Tensor]]
     constants: list[torch.Tensor]
 
 
@@ -57,6 +65,9 @@ class Writer(Protocol):
     def add_ckpt(self, state: int, theta: torch.Tensor, bufs: dict[str, torch.Tensor], opt_step: int,
                  has_buf: bool) -> None:
         """Buffer one stored state."""
+
+    def set_attr(self, key: str, value) -> None:
+        """Set a root attribute, written with the next commit."""
 
     def maybe_flush(self) -> None:
         """Write and commit what fills whole chunks."""

@@ -29,7 +29,8 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from ..errors import DamagedStoreError, StoreError
-from .base import FORMAT_KEY, FORMAT_VERSION, Layout
+from ..model_io import parts
+from .base import FORMAT_KEY, FORMAT_VERSION, Layout, input_array
 from .lock import WriterLock
 
 ELEMENT_CHUNK_BYTES = 8 << 20
@@ -85,7 +86,9 @@ class ZarrWriter:
         self.sample_chunk = 0  # fixed by the first batch: chunk_steps batches of its size
         data = {}
         for name, (x, y) in layout.splits.items():
-            data[f"x_{name}"] = xr.Variable([f"{name}_item"] + [f"x_{name}_{i}" for i in range(1, x.dim())], _np(x))
+            for key, t in parts(x, f"split '{name}'")[1].items():
+                var = input_array(name, key)
+                data[var] = xr.Variable([f"{name}_item"] + [f"{var}_{i}" for i in range(1, t.dim())], _np(t))
             data[f"y_{name}"] = xr.Variable([f"{name}_item"] + [f"y_{name}_{i}" for i in range(1, y.dim())], _np(y))
         for i, c in enumerate(layout.constants):
             data[f"const_{i}"] = xr.Variable([f"const_{i}_{d}" for d in range(c.dim())], _np(c))
@@ -112,6 +115,9 @@ class ZarrWriter:
         self.pending.ckpts.append({"state": state, "theta": _np(theta),
                                    **{f"opt_{b}": _np(bufs[b]) for b in self.buffers},
                                    "opt_step": opt_step, "opt_has_buf": has_buf})
+
+    def set_attr(self, key: str, value) -> None:
+        self.attrs = {**self.attrs, key: value}
 
     def maybe_flush(self) -> None:
         if len(self.pending.steps) >= self.chunk_steps or len(self.pending.ckpts) >= self.ckpt_flush:

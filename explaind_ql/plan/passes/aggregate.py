@@ -13,7 +13,6 @@ def aggregate_tests(plan: Plan, ctx: Context) -> Plan:
     if "test" in plan.bound.dims or not t.keep_test:
         return plan.decide("test aggregation", f"kept: {len(t.items)} test items are an axis of the result")
     req = replace(plan.request, target=replace(t, keep_test=False))
-    return plan.decide("test aggregation", f"{len(t.items)} test items summed inside the target: "
-                                           "one gradient per quadrature node (models with ReLU kinks: in each "
-                                           "step the items without kinks together, the others each on its own, "
-                                           "then summed)", request=req)
+    how = ("in each step the items whose ReLU inputs cross no kink together, one gradient per quadrature node, the "
+           "others each on its own, then summed" if ctx.facts.kink_segments else "one gradient per quadrature node")
+    return plan.decide("test aggregation", f"{len(t.items)} test items summed inside the target: {how}", request=req)
