@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -67,6 +68,45 @@ def child(store: str, query: str, threads: int) -> None:
                                                                     "kinks", "refined_steps", "replayed_steps")}}))
 
 
+HEADER = ["| query | s/step | floor s/step | × floor | peak MiB | residual | evaluations/step | kinks/step "
+          "| test s | trajectory s | train s | frames s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+PHASES = ("Residual: the replication residual the result reports (largest |exact change − sum of terms| "
+          "over targets, relative to the largest change; for `check`, the largest per item). "
+          "Phases are summed over the whole query: test side (φ or projections, kink location and "
+          "correction), trajectory (reading and replaying states), train side (per-example gradients "
+          "and JVPs), frames (the rest of the wall time: building the model and the frame).")
+
+
+def run_child(script: str, store: str, query: str, threads: int, timeout: float) -> dict | str:
+    """``query`` on ``store`` in a fresh process (``script --child``): its measurements, or why there are none."""
+    cmd = [sys.executable, script, "--threads", str(threads), "--child", store, query]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"timed out (over {timeout:.0f} s)"
+    if p.returncode != 0:
+        return (p.stderr.strip().splitlines() or ["failed"])[-1][:120]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def table_row(label: str, query: str, res: dict | str, steps: int, floor_s: float) -> str:
+    """One row of the per-step table: seconds per step beside the floor, and where the time went."""
+    if isinstance(res, str):
+        return f"| {label} | {res} |"
+    engine = res["engine"] if res["engine"] is not None else res["wall"]  # check & co: all engine
+    test, traj = res["test_seconds"] or 0.0, res["trajectory_seconds"] or 0.0
+    train_s = max(0.0, engine - test - traj)
+    frames = res["wall"] - engine
+    per = res["wall"] / steps
+    resid = "—" if res["residual"] is None else f"{res['residual']:.1e}"
+    ev = "—" if res["evaluations"] is None else f"{res['evaluations'] / steps:.0f}"
+    kk = "—" if res["kinks"] is None else f"{res['kinks'] / steps:.0f}"
+    phases = (f"{test:.1f} | {traj:.1f} | {train_s:.1f} | {frames:.1f}" if res["engine"] is not None
+              else "— | — | — | —")  # check, similarity: the model run directly, no phases
+    return (f"| {label}: `{query}` | {per:.3f} | {floor_s:.3f} | {per / floor_s:.1f}× | {res['peak_mib']:.0f} | {resid} "
+            f"| {ev} | {kk} | {phases} |")
+
+
 def floor(store: str, threads: int) -> dict[str, float]:
     """Seconds of what a step physically needs, each timed alone (median of 5)."""
     torch.set_num_threads(threads)
@@ -94,9 +134,14 @@ def floor(store: str, threads: int) -> dict[str, float]:
         th = theta.clone().requires_grad_(True)
         run.loss.fn(fn._call(th, None, None, xs), ys).mean().backward()
 
+    return timed([("gradient, 100 test items summed", grad_test), ("forward, 100 test items", forward_test),
+                  ("batch JVP, 4,000 train pairs", jvp_train), ("full-batch gradient (= one replayed step)", grad_train)])
+
+
+def timed(work: list[tuple[str, Callable[[], object]]]) -> dict[str, float]:
+    """Seconds of each named piece of work, timed alone after a warm-up call (median of 5)."""
     out = {}
-    for name, f in [("gradient, 100 test items summed", grad_test), ("forward, 100 test items", forward_test),
-                    ("batch JVP, 4,000 train pairs", jvp_train), ("full-batch gradient (= one replayed step)", grad_train)]:
+    for name, f in work:
         f()
         times = []
         for _ in range(5):
@@ -128,15 +173,21 @@ def reference_line() -> str:
     return "The reference is installed: run `python bench/bench_reference.py` for its side-by-side comparison."
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=40)
+def arguments(doc: str, steps: int, timeout: float, results: str) -> argparse.ArgumentParser:
+    """The options every per-step benchmark takes (``--child`` runs one query, in a fresh process)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=timeout, help="seconds one query may take")
+    ap.add_argument("--write", action="store_true", help=f"save the table as bench/{results}")
+    ap.add_argument("--child", nargs=2, metavar=("STORE", "QUERY"), help=argparse.SUPPRESS)
+    return ap
+
+
+def main() -> None:
+    ap = arguments(__doc__, 40, 1800, "RESULTS_paper.md")
     ap.add_argument("--store", help="record into this folder (kept) instead of a temporary one")
     ap.add_argument("--only", nargs="*", help="labels (substrings) of the queries to run")
-    ap.add_argument("--timeout", type=float, default=1800, help="seconds one query may take")
-    ap.add_argument("--write", action="store_true", help="save the table as bench/RESULTS_paper.md")
-    ap.add_argument("--child", nargs=2, metavar=("STORE", "QUERY"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(*args.child, args.threads)
@@ -156,42 +207,15 @@ def main() -> None:
                  "the default adaptive tolerance (1e-6). torch " + torch.__version__ + ".", "",
                  "## The floor, measured in this run", "", "| what | ms |", "|---|---|"]
         lines += [f"| {k} | {v * 1e3:.1f} |" for k, v in fl.items()]
-        lines += ["", "## Per step", "",
-                  "| query | s/step | floor s/step | × floor | peak MiB | residual | evaluations/step | kinks/step "
-                  "| test s | trajectory s | train s | frames s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "## Per step", "", *HEADER]
         print("\n".join(lines), flush=True)
         for label, store, query, fname in QUERIES:
             if args.only and not any(o in label for o in args.only):
                 continue
-            cmd = [sys.executable, __file__, "--threads", str(args.threads), "--child", stores[store][0], query]
-            try:
-                p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                res = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else None
-            except subprocess.TimeoutExpired:
-                p, res = None, None
-            if res is None:
-                why = "timed out" if p is None else (p.stderr.strip().splitlines() or ["failed"])[-1][:120]
-                lines.append(f"| {label} | {why} (over {args.timeout:.0f} s) |" if p is None else f"| {label} | {why} |")
-            else:
-                n, fs = args.steps, floors[fname]
-                engine = res["engine"] if res["engine"] is not None else res["wall"]  # check & co: all engine
-                test, traj = res["test_seconds"] or 0.0, res["trajectory_seconds"] or 0.0
-                train_s = max(0.0, engine - test - traj)
-                frames = res["wall"] - engine
-                per = res["wall"] / n
-                resid = "—" if res["residual"] is None else f"{res['residual']:.1e}"
-                ev = "—" if res["evaluations"] is None else f"{res['evaluations'] / n:.0f}"
-                kk = "—" if res["kinks"] is None else f"{res['kinks'] / n:.0f}"
-                phases = (f"{test:.1f} | {traj:.1f} | {train_s:.1f} | {frames:.1f}" if res["engine"] is not None
-                          else "— | — | — | —")  # check, similarity: the model run directly, no phases
-                lines.append(f"| {label}: `{query}` | {per:.3f} | {fs:.3f} | {per / fs:.1f}× | {res['peak_mib']:.0f} | {resid} "
-                             f"| {ev} | {kk} | {phases} |")
+            res = run_child(__file__, stores[store][0], query, args.threads, args.timeout)
+            lines.append(table_row(label, query, res, args.steps, floors[fname]))
             print(lines[-1], flush=True)
-        lines += ["", "Residual: the replication residual the result reports (largest |exact change − sum of terms| "
-                  "over targets, relative to the largest change; for `check`, the largest per item). "
-                  "Phases are summed over the whole query: test side (φ or projections, kink location and "
-                  "correction), trajectory (reading and replaying states), train side (per-example gradients "
-                  "and JVPs), frames (the rest of the wall time, mostly building the frame).", "", reference_line()]
+        lines += ["", PHASES, "", reference_line()]
         print("\n".join(lines[-3:]))
         if args.write:
             (HERE / "RESULTS_paper.md").write_text("\n".join(lines) + "\n")

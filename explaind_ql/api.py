@@ -11,7 +11,7 @@ import polars as pl
 from .errors import StoreError
 from .execute import explain_text, prepare, run_query
 from .run import Run
-from .store import run_name
+from .store import run_names
 
 
 Trusted = Iterable[str] | str | None
@@ -70,19 +70,18 @@ def explain(run_or_path: Run | str | os.PathLike, text: str, scheduler: Any = No
 
 def expand_runs(runs: Iterable[Run | str | os.PathLike] | Mapping[str, Run | str | os.PathLike]
                 ) -> dict[str, Run | str]:
-    """Run names to open runs or paths: a dict as given; list entries named after their store's
-    directory (paths may be globs)."""
+    """Run names to open runs or paths: a dict as given; list entries (paths may be globs) named by the
+    shortest tail of their path that tells them apart (:func:`explaind_ql.store.run_names`)."""
     if isinstance(runs, Mapping):
         return {str(k): v if isinstance(v, Run) else str(v) for k, v in runs.items()}
-    out: dict[str, Run | str] = {}
+    found: list[Run | str] = []
     for r in runs:
         if isinstance(r, Run):
-            out[run_name(r.path)] = r
+            found.append(r)
             continue
-        matches = sorted(glob.glob(str(r))) if any(c in str(r) for c in "*?[") else [str(r)]
-        for m in matches:
-            out[run_name(m)] = m
-    return out
+        found += sorted(glob.glob(str(r))) if any(c in str(r) for c in "*?[") else [str(r)]
+    names = run_names([r.path if isinstance(r, Run) else r for r in found])
+    return dict(zip(names, found))
 
 
 def compare(runs: Iterable[Run | str | os.PathLike] | Mapping[str, Run | str | os.PathLike], text: str,

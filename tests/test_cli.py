@@ -247,6 +247,21 @@ def test_compare_runs_with_run_option(run_path, other_run):
     assert invoke("query", "--run", str(Path(run_path).parent / "none*.zarr"), QUERY).exit_code == 2
 
 
+def test_runs_named_alike_are_told_apart_by_their_paths_or_named_by_the_user(run_path, tmp_path):
+    import shutil
+    for seed in ("seed0", "seed1"):
+        shutil.copytree(run_path, tmp_path / "runs" / seed / "run.zarr")
+    both = invoke("query", "--run", str(tmp_path / "runs" / "*" / "run.zarr"), "check on test[0]", "--format", "csv")
+    assert both.exit_code == 0, both.stderr
+    assert pl.read_csv(io.StringIO(both.stdout))["run"].to_list() == ["seed0/run", "seed1/run"]
+    named = invoke("query", "--run", f"wd1={tmp_path / 'runs' / 'seed0' / 'run.zarr'}",
+                   "--run", str(tmp_path / "runs" / "seed1" / "run.zarr"), "check on test[0]", "--format", "csv")
+    assert named.exit_code == 0, named.stderr
+    assert pl.read_csv(io.StringIO(named.stdout))["run"].to_list() == ["wd1", "run"]
+    twice = invoke("query", "--run", f"a={run_path}", "--run", f"a={run_path}", "check on test[0]")
+    assert twice.exit_code == 2 and "named 'a'" in twice.stderr
+
+
 def test_plot_option_writes_an_image(run_path, tmp_path):
     result = invoke("query", run_path, "influence on test[0..1] by layer, step every 4", "--plot",
                     str(tmp_path / "steps.png"), "--format", "csv")

@@ -1,8 +1,9 @@
 """The along-path evaluation (model_fn.Path) against the plain definitions it replaces.
 
 Path runs the model at θ + tΔθ with weights shared by all rows and each group's share of
-a vector entering as a scalar α; every layer rule (linear, embedding, conv, layer norm) and
-the fallback for other ops (einsum, a param inside a list, tied weights, max_norm) must give
+a vector entering as a scalar α; every layer rule (linear, embedding, conv, layer norm, HF's Conv1D
+addmm, x @ W, W @ x, einsum) and the fallback for other ops (a product of two params, a param inside a
+list, tied weights, max_norm) must give
 the target values at the moved point and ∇F(θ + tΔθ) · (vector on group) exactly.
 """
 
@@ -32,7 +33,10 @@ class Everything(nn.Module):
         self.conv1 = nn.Conv1d(6, 6, 3, padding=1)
         self.conv2 = nn.Conv2d(1, 2, 3, padding=1)
         self.norm = nn.LayerNorm(6)
-        self.mix = nn.Parameter(torch.randn(6, 6) / 3)  # used by einsum: the fallback
+        self.mix = nn.Parameter(torch.randn(6, 6) / 3)  # used by einsum
+        self.hf_w, self.hf_b = nn.Parameter(torch.randn(6, 6) / 3), nn.Parameter(torch.randn(6) / 3)  # HF Conv1D
+        self.right, self.left = nn.Parameter(torch.randn(6, 6) / 3), nn.Parameter(torch.randn(5, 5) / 3)
+        self.pa, self.pb = nn.Parameter(torch.randn(6, 6) / 3), nn.Parameter(torch.randn(6, 6) / 3)  # their product
         self.pair = nn.Parameter(torch.randn(6) / 3)  # used inside a list: the fallback
         self.head = nn.Linear(6, 5)
 
@@ -42,6 +46,8 @@ class Everything(nn.Module):
         h = torch.relu(self.norm(h))
         h = h + self.conv2(h[:, None]).sum(1)
         h = torch.einsum("ij,blj->bli", self.mix, h) + torch.stack([self.pair, self.pair]).sum(0)
+        h = torch.addmm(self.hf_b, h.reshape(-1, 6), self.hf_w).view(h.shape)  # transformers.pytorch_utils.Conv1D
+        h = h @ self.right + 0.5 * (self.left @ h) + 0.1 * h @ (self.pa @ self.pb)
         h = F.linear(h, self.head.weight, bias=self.head.bias)  # keyword argument
         return F.linear(h, self.head.weight.T[:5, :5]).log_softmax(-1)[:, -1]  # the head twice (tied)
 

@@ -188,8 +188,9 @@ def test_explain_renders_the_plan_node_tree_after_each_pass(run):
     assert details[0][0] == "strategy=undecided" and details[0][3].startswith("steps 0:12 of 12; params 8 of 8")
     assert details[1][3].startswith("steps 2:10 of 12; params 1 of 8")  # restriction pushdown
     assert "aggregated" in details[2][1] and "kept" in details[1][1]  # test aggregation
-    assert details[3][0] == "strategy=fold" and "folded backwards" in details[3][2]  # strategy choice
-    assert details[4] == details[5] == details[3]  # chunking and (locally) distribution change no node
+    assert "4 nodes per step" in details[3][1] and "2 nodes per step" in details[2][1]  # quadrature rule (smooth)
+    assert details[4][0] == "strategy=fold" and "folded backwards" in details[4][2]  # strategy choice
+    assert details[5] == details[6] == details[4]  # chunking and (locally) distribution change no node
     analyzed = render(p, run, ctx.facts, {"test": "1.0 s", "summary": "done"}).split("\n")
     assert analyzed[2].endswith("  [1.0 s]") and analyzed[-1] == "analyzed: done"
 
@@ -232,12 +233,24 @@ def test_a_store_without_model_facts_is_planned_from_its_rebuilt_model(toy_run):
     assert old.explain(text) == new.explain(text) and old.cache.model_facts == new.attrs[MODEL_FACTS]
 
 
+def test_quadrature_rule_starts_smooth_models_from_more_nodes(run, toy_run):
+    """A smooth model's adaptive rule starts from 4 nodes; a fixed rule and a ReLU model's keep theirs."""
+    smooth, _ = _pass_fixture(run, "influence on test[*] by layer", RULES[:3])
+    assert smooth.request.nodes == 4 and "smooth" in smooth.decisions[-1][1]
+    fixed, _ = _pass_fixture(run, "influence on test[*] by layer using quadrature 2", RULES[:3])
+    assert fixed.request.nodes == 2 and fixed.request.tolerance is None
+    relu = eq.open(toy_run("mlp", "adamw", steps=4, act="relu"))
+    kinked, _ = _pass_fixture(relu, "influence on test[*] by layer", RULES[:3])
+    assert kinked.request.nodes == 2 and "ReLU kinks" in kinked.decisions[-1][1]
+    assert [d[0] for d in kinked.decisions][-1] == "quadrature rule"
+
+
 def test_rules_override(run):
     """optimise runs the passes it is given, in order; the default is RULES."""
     b = bind(parse("influence of layer emb on test[0..3] by layer"), run)
     facts = facts_for(run, "cpu", torch.float64)
     assert [d[0] for d in optimise(b, run, facts).decisions] == [  # distribution: only with a scheduler
-        "restriction pushdown", "test aggregation", "strategy choice", "chunking"]
+        "restriction pushdown", "test aggregation", "quadrature rule", "strategy choice", "chunking"]
     only = optimise(b, run, facts, rules=(pushdown_restrictions,))
     assert [d[0] for d in only.decisions] == ["restriction pushdown"] and only.chunks is None
     assert [d[0] for d in optimise(b, run, facts, rules=WITHOUT_PUSHDOWN).decisions][0] == "test aggregation"

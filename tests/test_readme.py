@@ -134,7 +134,7 @@ def test_python_blocks_run_in_order_in_one_namespace(tmp_path, monkeypatch):
     import explaind_ql
 
     code = blocks("python")
-    assert len(code) == 2 and "Recorder(" in code[0] and "compare(" in code[1]
+    assert len(code) == 3 and "Recorder(" in code[0] and "compare(" in code[1] and "Callback(" in code[2]
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__readme__"}
     values = [v for i, body in enumerate(code) for v in run_block(body, f"README.md python block {i + 1}", namespace)]
@@ -143,7 +143,7 @@ def test_python_blocks_run_in_order_in_one_namespace(tmp_path, monkeypatch):
         assert explaind_ql.open(store).n_steps == 50
     results = {called(node): value for node, value in values}
     frames = {text: v for (fn, text), v in results.items() if fn == "query"}
-    assert all(isinstance(v, pl.DataFrame) and v.height for v in frames.values()) and len(frames) == 3
+    assert all(isinstance(v, pl.DataFrame) and v.height for v in frames.values()) and len(frames) == 6
     by_layer = frames["influence on test[*] by layer"]
     assert set(by_layer["layer"]) == {"emb", "attn", "linear1", "linear2", "unembed"}
     top = frames["influence of layer emb on test[0..9] over steps 10:40 by example top 5 abs"]
@@ -153,6 +153,11 @@ def test_python_blocks_run_in_order_in_one_namespace(tmp_path, monkeypatch):
     both = next(v for (fn, _), v in results.items() if fn == "compare")
     assert set(both["run"]) == {"wd1", "wd4"} and both.height == 2 * by_layer.height
     assert ("print", None) in results  # the explain line printed its plan
+    # Hugging Face: the Trainer's run, recorded by the callback, rebuilt from its config
+    assert explaind_ql.open("runs/gpt2.zarr").n_steps == 20
+    assert "transformer.h.1.mlp.c_fc" in set(frames["influence on loss(test[0..3]) by layer"]["layer"])
+    assert frames["influence on loss(test[0]) by example top 5 abs"].height == 5
+    assert float(frames["check on loss(test[*])"]["relative_residual"].abs().max()) < 1e-4
 
 
 # -- the language at a glance ----------------------------------------------------------------------

@@ -140,13 +140,26 @@ class _AlongPath(TorchFunctionMode):
                    2: (lambda a, D: D[:, None, None], lambda a, S: S.movedim(0, -1)[:, None, None])},
         F.layer_norm: {2: (lambda a, D: F.layer_norm(a[0], a[1], D, None, *a[4:]), None),
                        3: (lambda a, D: D, lambda a, S: S.movedim(0, -1))},
+        # Hugging Face's Conv1D: addmm(bias, x, W), W stored (in, out)
+        torch.addmm: {0: (lambda a, D: D, lambda a, S: S.movedim(0, -1)),
+                      2: (lambda a, D: a[1] @ D,
+                          lambda a, S: (a[1] @ S.permute(1, 2, 0).flatten(1)).unflatten(-1, (S.shape[2], len(S))))},
+        # a user's own layers: x @ W, W @ x, einsum with a weight
+        **{mm: {0: (lambda a, D: torch.matmul(D, a[1]), None), 1: (lambda a, D: torch.matmul(a[0], D), None)}
+           for mm in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)},
+        torch.einsum: {i: (lambda a, D, i=i: torch.einsum(*a[:i], D, *a[i + 1:]), None) for i in range(1, 9)},
     }
+    # ops linear in each of these arguments alone, not jointly: with params in two of them, the product of
+    # their changes is missed by a sum of one-argument terms, so such a call takes the materialised path
+    PRODUCTS = {torch.addmm: {1, 2}, torch.matmul: {0, 1}, torch.Tensor.matmul: {0, 1}, torch.Tensor.__matmul__: {0, 1},
+                torch.einsum: set(range(1, 9))}
     SIGNATURES = {F.linear: ("input", "weight", "bias"),
                   F.embedding: ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
                                 "sparse"),
                   F.conv1d: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
                   F.conv2d: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
-                  F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps")}
+                  F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
+                  torch.addmm: ("input", "mat1", "mat2")}
 
     def __init__(self, info: dict[int, tuple], t: torch.Tensor, alpha: torch.Tensor | None):
         super().__init__()
@@ -187,7 +200,8 @@ class _AlongPath(TorchFunctionMode):
             a.append(kwargs.pop(name))
         known = [i for i, x in enumerate(a) if self._param(x)]
         rules = self.RULES.get(func, {})
-        nonlinear = func is F.embedding and len(a) > 3 and a[3] is not None  # max_norm renormalises W
+        nonlinear = (func is F.embedding and len(a) > 3 and a[3] is not None  # max_norm renormalises W
+                     or len(set(known) & self.PRODUCTS.get(func, set())) > 1)
         if kwargs or nonlinear or len(known) < n_params or not set(known) <= set(rules):
             a, kwargs = tree_map(lambda x: self._moved(x) if self._param(x) else x, (a, kwargs))
             return func(*a, **kwargs)

@@ -9,10 +9,12 @@ from ..run import Run
 from ..semantic import Bound
 from .logical import logical
 from .nodes import Context, Plan
-from .passes import aggregate_tests, choose_strategy, chunk_under_budget, distribute, pushdown_restrictions
+from .passes import (aggregate_tests, choose_nodes, choose_strategy, chunk_under_budget, distribute,
+                     pushdown_restrictions)
 
 Rule = Callable[[Plan, Context], Plan]
-RULES: tuple[Rule, ...] = (pushdown_restrictions, aggregate_tests, choose_strategy, chunk_under_budget, distribute)
+RULES: tuple[Rule, ...] = (pushdown_restrictions, aggregate_tests, choose_nodes, choose_strategy, chunk_under_budget,
+                           distribute)
 WITHOUT_PUSHDOWN: tuple[Rule, ...] = RULES[1:]  # computes everything, then filters: what pushdown is checked against
 
 

@@ -90,19 +90,27 @@ def _echo_frame(frame, fmt: str) -> None:
 # ------------------------------------------------------------------------------ running
 
 def expand_run_options(runs: Iterable[str]) -> dict[str, str]:
-    """`--run` values (paths or globs) as run name -> path; every value must match a run."""
+    """`--run` values as run name -> path: `NAME=PATH` named by the user, paths and globs by the shortest
+    tail of their path that tells them apart; every value must match a run."""
     from ..api import expand_runs
-    out: dict[str, str] = {}
-    for pattern in runs:
-        found = expand_runs([pattern])
-        if not found:
-            raise click.BadParameter(f"no run matches {pattern!r}", param_hint="--run")
-        for name, path in found.items():
-            if out.get(name, path) != path:
-                raise click.UsageError(f"runs {out[name]} and {path} are both named '{name}'; "
-                                       "rename one so the run column can tell them apart")
-            out[name] = path
-    return out
+    named: dict[str, str] = {}
+    paths: list[str] = []
+    for value in runs:
+        name, sep, path = value.partition("=")
+        if sep and name and "/" not in name and not Path(value).exists():
+            if name in named:
+                raise click.UsageError(f"two --run values are named '{name}'; give each its own name")
+            named[name] = path
+            continue
+        if not expand_runs([value]):
+            raise click.BadParameter(f"no run matches {value!r}", param_hint="--run")
+        paths.append(value)
+    found = {name: str(path) for name, path in expand_runs(paths).items()}
+    clash = set(found) & set(named)
+    if clash:
+        raise click.UsageError(f"the name '{sorted(clash)[0]}' is given to a --run and also names another run's "
+                               "path; choose another name")
+    return {**named, **found}
 
 
 class _Target:
@@ -193,8 +201,9 @@ def _query_options(f):
                           "using clause as cluster \"ADDRESS\"."),
         click.option("--param", "params", multiple=True, callback=_params, metavar="NAME=VALUE",
                      help="Bind $NAME (int, float or string); repeatable."),
-        click.option("--run", "runs", multiple=True, metavar="PATH|GLOB",
-                     help="Compare runs: repeatable or a glob; adds a leading run column. RUN is then omitted."),
+        click.option("--run", "runs", multiple=True, metavar="[NAME=]PATH|GLOB",
+                     help="Compare runs: repeatable or a glob; adds a leading run column named NAME, else the "
+                          "shortest tail of each path that tells the runs apart. RUN is then omitted."),
         click.option("--plot", type=click.Path(dir_okay=False),
                      help="Also plot the (last) result to this image file (.png, .svg, .pdf)."),
     ]

@@ -32,10 +32,21 @@ def stamp(path: str | os.PathLike) -> float:
     return zarr_store.stamp(Path(path))
 
 
-def run_name(path: str | os.PathLike) -> str:
-    """A run's display name: its directory's name without the store suffix."""
-    return os.path.basename(os.path.normpath(path)).removesuffix(SUFFIX)
+def run_names(paths: list[str | os.PathLike]) -> list[str]:
+    """Display names that tell the runs apart: for each, the shortest tail of its path (the store suffix
+    dropped) that no other run shares, so ``seed0/run.zarr`` and ``seed1/run.zarr`` are ``seed0/run`` and
+    ``seed1/run``. Paths to the same store get the same name."""
+    parts = [Path(os.path.abspath(p)).parts for p in paths]
+    parts = [(*q[:-1], q[-1].removesuffix(SUFFIX)) for q in parts]
+    names = []
+    for q in parts:
+        others = {o for o in parts if o != q}
+        k = 1
+        while k < len(q) and any(o[-k:] == q[-k:] for o in others):
+            k += 1
+        names.append("/".join(q[-k:]))
+    return names
 
 
 __all__ = ["FORMAT_KEY", "FORMAT_VERSION", "SUFFIX", "Layout", "Reader", "Writer", "create_writer",
-           "input_array", "lock_path", "open_reader", "run_name", "stamp"]
+           "input_array", "lock_path", "open_reader", "run_names", "stamp"]
