@@ -25,12 +25,17 @@ def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 IGNORE = -100  # the label of a token no loss is taken on (padding, a prompt), as Hugging Face marks it
 
 
-def _lm(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """A sequence's summed next-token loss: logits at position i predict label i+1, ``-100`` labels skipped."""
+def lm_tokens(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B, L-1) next-token losses: logits at position i predict label i+1; ``-100`` labels give 0."""
     logits, labels = out[:, :-1], y[:, 1:].long()
     tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
                           reduction="none")
-    return tok.view(labels.shape).sum(1)
+    return tok.view(labels.shape)
+
+
+def _lm(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A sequence's summed next-token loss."""
+    return lm_tokens(out, y).sum(1)
 
 
 BUILTIN: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -69,6 +74,10 @@ class LossSpec:
     def sequence(self) -> bool:
         """Whether an example is a sequence of tokens, each with its own label (its targets are loss and logprob)."""
         return self.name == "lm"
+
+    def per_token(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(B, L-1): each predicted token's loss, which :meth:`per_example` sums (sequence losses only)."""
+        return lm_tokens(out, y)
 
     def weight(self, y: torch.Tensor) -> float:
         """w_{s,k} of the batch with labels ``y``: each example's weight in the batch loss (a mean averages

@@ -241,6 +241,11 @@ def bind(q: Query, run: Run, clauses: Clauses, distributed: bool = False) -> Bou
             raise query_error(q, f"steps {a}:{b} are out of range: {last}", st.pos)
     dims = tuple(q.by.dims) if q.by is not None else ()
     step_every = (q.by.step_every or 1) if q.by is not None else 1
+    if "token" in dims and not (run.loss.sequence and kind in SEQUENCE_TARGETS):
+        raise query_error(q, "'by token' splits a sequence's loss by position, but "
+                          + ("this run's items are not token sequences (no LM loss)" if not run.loss.sequence
+                             else f"'{kind}' is not a sequence's loss"), q.by.pos,
+                          "use it on loss(...) or logprob(...) of a run recorded with loss='lm'")
     if "output" in dims and kind not in ("outputs",):
         raise query_error(q, "'by output' needs a target with several outputs", q.by.pos,
                    "write 'on output(test[...])'")

@@ -198,3 +198,39 @@ def test_trainer_batches_that_are_not_the_samplers_items_are_refused(tmp_path):
         return {k: v for k, v in default_collate([{"input_ids": it["input_ids"][:5]} for it in batch[::-1]]).items()}
     with pytest.raises(RecordingError, match="not the train dataset's items"):
         _trainer(tmp_path, collate=lambda b: {**shuffled(b), "labels": shuffled(b)["input_ids"]})
+
+
+def test_the_hf_example_trains_records_and_answers(tmp_path):
+    """examples/hf in a reduced mode: the Trainer fine-tunes, the callback records, the README's queries run."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("hf_example", Path(__file__).parents[1] / "examples/hf/train.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert len(example.sentences()) == 64 and len({len(s) for s in example.sentences()}) == 2
+    run = eq.open(example.train(tmp_path, steps=6))
+    frames = {q: run.query(q) for q in example.QUERIES}
+    assert float(frames["check on loss(test[*])"]["relative_residual"].abs().max()) < 1e-4
+    assert frames["influence on loss(test[0]) by example top 5"].height == 5
+    # two micro-batches of 8 per step, but one at an epoch's end (56 sentences: 7 micro-batches)
+    assert run.step_var("batch_size").tolist() == [16, 16, 16, 8, 16, 16]
+
+
+def test_by_token_splits_a_sequences_loss_by_position(tmp_path, toy_run):
+    """`by token`: each predicted position's share; a sequence's tokens sum to its loss's change, padding has
+    no row, and a run without sequences refuses it naming the fix."""
+    import polars as pl
+    run = eq.open(record_gpt2(tmp_path / "g.zarr", hf_loss=False))
+    check = run.query("check on loss(test[0..5])")
+    per = run.query("influence on loss(test[0..5]) by test, token")
+    sums = per.group_by("test").agg(pl.col("influence").sum()).sort("test")
+    assert float((sums["influence"] - check["actual"]).abs().max()) < 1e-6 * float(check["actual"].abs().max())
+    _, mask = sequences()
+    for t in range(N_TEST):  # the tokens each item predicts: its unpadded positions after the first
+        predicted = set(range(1, int(mask[N_TRAIN + t].sum())))
+        assert set(per.filter(pl.col("test") == t)["token"]) == predicted
+    logprob = run.query("influence on logprob(test[0..5]) by token")
+    loss = run.query("influence on loss(test[0..5]) by token")
+    assert float((logprob["influence"] + loss["influence"]).abs().max()) < 1e-12
+    with pytest.raises(eq.ExplaindError, match="by token.*not token sequences.*loss='lm'"):
+        eq.open(toy_run("mlp", "adamw", steps=4)).query("influence on loss(test[0]) by token")

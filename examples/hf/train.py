@@ -28,6 +28,7 @@ QUERIES = [
     "influence on loss(test[0]) by example top 5",
     "influence on loss(test[*]) by layer",
     "influence on loss(test[*]) by step every 10",
+    "influence on loss(test[0]) by token",
 ]
 
 
@@ -73,7 +74,7 @@ def train(out: Path, steps: int = 40) -> Path:
                              disable_tqdm=True, seed=0)
     store = out / "gpt2.zarr"
     Trainer(model=model, args=args, train_dataset=train_set, data_collator=collate,
-            callbacks=[Callback(store, test=test_set, overwrite=True)]).train()
+            callbacks=[Callback(store, test=test_set, overwrite=True, dropout_seed=0)]).train()
     return store
 
 
@@ -92,8 +93,9 @@ def main() -> None:
         for q in QUERIES:
             frame = run.query(q)
             print(f">>> {q}\n{frame}\n")
-            if "example" in frame.columns:  # the sentences behind the numbers
+            if "example" in frame.columns or "token" in frame.columns:  # the sentences behind the numbers
                 print(f"test[0]: {text(data[56])}")
+            if "example" in frame.columns:
                 for k, v in frame.select("example", "influence").iter_rows():
                     print(f"  train[{k}] {v:+.3f}  {text(data[k])}")
                 print()

@@ -25,6 +25,7 @@ class TargetSpec:
     output: int | None = None
     keep_test: bool = True
     keep_output: bool = False
+    positions: int = 0  # a sequence's predicted positions, when its loss is kept per token (by token)
 
 
 def _at_label(v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -41,11 +42,12 @@ def values(spec: TargetSpec, out: torch.Tensor, y: torch.Tensor, loss: LossSpec)
         return out2[:, spec.output: spec.output + 1]
     if k == "outputs":
         return out2
+    if loss.sequence and k in ("loss", "logprob"):  # a sequence: its tokens' losses (log-likelihood: minus)
+        v = loss.per_token(out, y) if spec.positions else loss.per_example(out, y).reshape(-1, 1)
+        return v if k == "loss" else -v
     if k == "loss":
         return loss.per_example(out, y).reshape(-1, 1)
     if k == "logprob":
-        if loss.sequence:  # the sequence's log-likelihood: minus its summed next-token loss
-            return -loss.per_example(out, y).reshape(-1, 1)
         return _at_label(F.log_softmax(out2, dim=1), y)
     if k == "prob":
         return _at_label(F.softmax(out2, dim=1), y)
@@ -71,8 +73,10 @@ def make(spec: TargetSpec, y: torch.Tensor, loss: LossSpec) -> Callable[[torch.T
 def labels(spec: TargetSpec, n_out: int) -> list[tuple[int | None, int | None]]:
     """(test item, output) for every entry of the flat target vector; None where summed."""
     tests = list(spec.items) if spec.keep_test else [None]
-    if spec.kind == "outputs" and spec.keep_output:
-        outs: list[int | None] = list(range(n_out))
+    if spec.positions:  # by token: the index of each predicted token
+        outs: list[int | None] = list(range(1, spec.positions + 1))
+    elif spec.kind == "outputs" and spec.keep_output:
+        outs = list(range(n_out))
     elif spec.kind == "output":
         outs = [spec.output]
     else:

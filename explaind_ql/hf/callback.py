@@ -13,13 +13,12 @@ exact is refused by name when training begins.
 from __future__ import annotations
 
 import os
-from collections import deque
 from typing import Any
 
-import torch
 from transformers import TrainerCallback
 
 from ..errors import RecordingError
+from ..loops import Forwards, collated
 from ..recorder import Recorder
 
 LM_CLASSES = ("LMHeadModel", "ForCausalLM")
@@ -44,39 +43,11 @@ def _refuse(args) -> None:
             raise RecordingError(f"the Trainer uses {what}, which explaind_ql cannot decompose exactly; {fix}")
 
 
-def _collated(dataset, collate) -> dict[str, torch.Tensor]:
-    """A whole dataset as one batch of the Trainer's collator (padded to its longest item)."""
-    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
-        raise RecordingError("the train dataset is iterable; recording needs an indexable dataset (its items by index)")
-    batch = collate([dataset[i] for i in range(len(dataset))])
-    if not isinstance(batch, dict):
-        raise RecordingError(f"the Trainer's collator returns {type(batch).__name__}; it must return a dict of tensors")
-    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-
-
-class _Tap:
-    """The batch sampler's index lists, in the order it hands them to the data loader."""
-
-    def __init__(self, sampler):
-        self.queue: deque[list[int]] = deque()
-        self.sampler, self.cls = sampler, type(sampler)
-        queue, cls = self.queue, self.cls
-
-        def tapped(this):
-            for batch in cls.__iter__(this):
-                queue.append([int(i) for i in batch])
-                yield batch
-        sampler.__class__ = type(f"Tapped{cls.__name__}", (cls,), {"__iter__": tapped})
-
-    def remove(self) -> None:
-        self.sampler.__class__ = self.cls
-
-
 class Callback(TrainerCallback):
     """Record a ``transformers.Trainer`` run into ``path``.
 
-    ``test``: a dataset or dict of tensors for the test split (default: the eval dataset, when the
-    Trainer has one); ``loss``: ``"lm"`` for causal LMs (the default for ``*ForCausalLM`` and
+    ``test``: a dataset (collated by the Trainer's collator) or dict of tensors for the test split;
+    ``loss``: ``"lm"`` for causal LMs (the default for ``*ForCausalLM`` and
     ``*LMHeadModel`` classes), else ``"cross_entropy"``. Other keywords go to :class:`Recorder`.
     """
 
@@ -84,45 +55,18 @@ class Callback(TrainerCallback):
         self.path, self.test, self.loss, self.kwargs = path, test, loss, recorder
         self.rec: Recorder | None = None
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None,
-                       eval_dataloader=None, **_):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **_):
         _refuse(args)
         collate = train_dataloader.collate_fn
-        train = _collated(train_dataloader.dataset, collate)
-        test = self.test if self.test is not None else getattr(eval_dataloader, "dataset", None)
-        if test is not None and not isinstance(test, dict):
-            test = _collated(test, collate)
+        train = collated(train_dataloader.dataset, collate)
+        test = self.test if self.test is None or isinstance(self.test, dict) else collated(self.test, collate)
         loss = self.loss or ("lm" if type(model).__name__.endswith(LM_CLASSES) else "cross_entropy")
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds torch's optimizer
         self.rec = Recorder(self.path, model, optimizer, train=train, test=test, loss=loss, **self.kwargs)
-        self.train_x, self.tap = self.rec.splits["train"][0], _Tap(train_dataloader.batch_sampler)
-        self.step_items: list[int] = []
-        self.step_divisors: set[float | None] = set()  # the loss's divisor in each forward of the step
+        self.forwards = Forwards(self.rec, model, train_dataloader.batch_sampler)
         self.step_loss = 0.0
         self.accumulation = args.gradient_accumulation_steps
-        self.hooks = [model.register_forward_pre_hook(self._forward, with_kwargs=True),
-                      model.register_forward_hook(self._loss)]
-
-    def _forward(self, module, args, kwargs) -> None:
-        if not module.training or self.rec.training.paused:
-            return
-        if not self.tap.queue:
-            raise RecordingError("a training forward ran with no batch drawn from the train sampler; explaind_ql "
-                                 "records the batches of the Trainer's own train dataloader only")
-        idx = self.tap.queue.popleft()
-        for key, stored in (self.train_x.items() if isinstance(self.train_x, dict) else ()):
-            given = kwargs.get(key)
-            rows = stored[idx]
-            if isinstance(given, torch.Tensor) and given.shape[1:] != rows.shape[1:]:  # padded to the batch's longest
-                rows = rows[tuple(slice(0, n) for n in given.shape)]
-            if not (isinstance(given, torch.Tensor) and given.shape == rows.shape
-                    and torch.equal(given.to(rows.device, rows.dtype), rows)):
-                raise RecordingError(f"the Trainer's batch '{key}' is not the train dataset's items {idx[:4]}…; "
-                                     "the sampler's order could not be followed (a custom sampler or collator "
-                                     "that reorders?)")
-        self.step_items += idx
-        n = kwargs.get("num_items_in_batch")
-        self.step_divisors.add(None if n is None else float(n))
+        self.hook = model.register_forward_hook(self._loss)
 
     def _loss(self, module, args, out) -> None:
         if module.training and not self.rec.training.paused and getattr(out, "loss", None) is not None:
@@ -131,9 +75,9 @@ class Callback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **_):
         if args.max_grad_norm is not None and args.max_grad_norm > 0:
             self.rec.clipped(args.max_grad_norm)
-        items, self.step_items = self.step_items, []
+        items, seen = self.forwards.take()
         loss, self.step_loss = self.step_loss, 0.0
-        divisors, self.step_divisors = self.step_divisors, set()
+        divisors = {None if kw.get("num_items_in_batch") is None else float(kw["num_items_in_batch"]) for _, kw in seen}
         self.rec.step(items, loss=loss, weight=self._weight(divisors))
 
     def _weight(self, divisors: set[float | None]) -> float | None:
@@ -150,6 +94,5 @@ class Callback(TrainerCallback):
     def on_train_end(self, args, state, control, **_):
         if self.rec is not None:
             self.rec.close()
-            self.tap.remove()
-            for h in self.hooks:
-                h.remove()
+            self.forwards.remove()
+            self.hook.remove()

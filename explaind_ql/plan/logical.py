@@ -34,8 +34,11 @@ def logical(bound: Bound, run: Run) -> Plan:
     step_bin = tuple((s - bound.a) // every if bound.a <= s < bound.b else n_in for s in range(run.n_steps))
     by_element = "element" in bound.dims
     g = Grouping(all_params, tuple(range(len(all_params))), by_element)
+    # by token: a sequence's loss kept apart per predicted position (1..L-1), on the output axis
+    positions = run.split(bound.target_split)[1].shape[1] - 1 if "token" in bound.dims else 0
     target = TargetSpec(bound.target_kind, bound.target_split, bound.test_items, bound.output,
-                        keep_test=True, keep_output="output" in bound.dims)
+                        keep_test=True, keep_output="output" in bound.dims or "token" in bound.dims,
+                        positions=positions)
     data = "example" in bound.dims or bound.examples is not None
     req = Request(0, run.n_steps, target, all_params, g.group_of_param, len(all_params), by_element,
                   step_bin, n_in + 1, None, data, bound.nodes, bound.tolerance)

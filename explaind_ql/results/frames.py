@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from ..engine.kernels import Result
+from ..losses import IGNORE
 from ..plan import Plan
 from ..run import Run
 from ..semantic import Bound
@@ -55,7 +56,7 @@ def _rows_distinct(result: Result, plan: Plan, steps: list, groups: dict[str, li
     dims = set(plan.bound.dims) | ({"param"} if "element" in plan.bound.dims else set())
     B, T, E, G = result.gradient.shape
     return (_distinct(steps) if "step" in dims else B == 1) and \
-        _distinct([(t if "test" in dims else None, o if "output" in dims else None)
+        _distinct([(t if "test" in dims else None, o if dims & {"output", "token"} else None)
                    for t, o in result.target_labels]) and \
         (E == 1 or "example" in dims and _distinct(result.example_ids.tolist())) and \
         _distinct([tuple(v[g] for k, v in groups.items() if k in dims) for g in range(G)])
@@ -78,6 +79,8 @@ def influence_frame(result: Result, plan: Plan, run: Run) -> pl.DataFrame:
     outs = [o for _, o in result.target_labels]
     df = df.with_columns(test=pl.col("_t").replace_strict(list(range(len(tests))), tests, return_dtype=pl.Int64),
                          output=pl.col("_t").replace_strict(list(range(len(outs))), outs, return_dtype=pl.Int64))
+    if "token" in b.dims:  # the output axis holds the predicted positions; padding and -100 labels have none
+        df = df.rename({"output": "token"}).filter(_predicted(run, b))
     ex_ids = result.example_ids.numpy().tolist()
     if ex_ids:
         df = df.with_columns(example=pl.col("_e").replace_strict(list(range(len(ex_ids))), ex_ids,
@@ -92,6 +95,16 @@ def influence_frame(result: Result, plan: Plan, run: Run) -> pl.DataFrame:
     return _finish(df, b, run, regroup=not _rows_distinct(result, plan, steps, groups))
 
 
+def _predicted(run: Run, b: Bound) -> pl.Expr:
+    """Rows of tokens that some selected item predicts (its label there is not -100)."""
+    y = run.split(b.target_split)[1][list(b.test_items), 1:]
+    item, pos = (y != IGNORE).nonzero(as_tuple=True)
+    if "test" in b.dims:
+        pairs = pl.DataFrame({"test": np.asarray(b.test_items)[item.numpy()], "token": pos.numpy() + 1})
+        return pl.struct("test", "token").is_in(pairs.to_struct().implode())
+    return pl.col("token").is_in(sorted(set((pos + 1).tolist())))
+
+
 def _filter_then_regroup(df: pl.DataFrame, plan: Plan, run: Run) -> pl.DataFrame:
     """The un-optimised path: drop what the selection excludes, then group to the asked keys."""
     f, b = plan.post_filter, plan.bound
@@ -100,7 +113,7 @@ def _filter_then_regroup(df: pl.DataFrame, plan: Plan, run: Run) -> pl.DataFrame
         df = df.filter(pl.col("example").is_null() | pl.col("example").is_in(list(f["examples"])))
     if "layer" in b.dims:
         df = df.with_columns(layer=pl.col("param").map_elements(run.space.top_layer, return_dtype=pl.String))
-    keys = [k for k in ("step", "test", "output", "example", "layer", "param", "element") if k in b.dims]
+    keys = [k for k in ("step", "test", "output", "token", "example", "layer", "param", "element") if k in b.dims]
     if "element" in b.dims and "param" not in keys:
         keys.append("param")
     if "example" not in b.dims:
