@@ -160,7 +160,8 @@ def test_shell_in_a_pseudo_terminal(run_path, tmp_path):
         slow = tmp_path / "slow.eql"
         slow.write_text(SLOW.replace("; ", ";\n"))
         child.send(f".run {slow}\r")
-        time.sleep(1.5)
+        child.expect(r"steps 0:12")  # the first query's progress bar: it is running, and the tty is cooked
+        time.sleep(0.5)
         child.sendintr()
         child.expect("cancelled", timeout=30)
         child.expect("eql>")
