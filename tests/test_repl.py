@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import sys
 import time
 
@@ -122,8 +123,10 @@ def _shell(run_path: str, history):
     pexpect = pytest.importorskip("pexpect")
     env = {**os.environ, "EXPLAIND_QL_HISTORY": str(history), "PROMPT_TOOLKIT_NO_CPR": "1",
            "OMP_NUM_THREADS": "1", "TERM": "xterm"}
+    # Ctrl-C must reach it as SIGINT: a process started in the background (CI's runner) ignores SIGINT, and an
+    # ignored signal stays ignored across exec, so the shell would never see the interrupt
     child = pexpect.spawn("explaind-ql", ["repl", run_path], env=env, dimensions=(40, 200), encoding="utf-8",
-                          timeout=90)
+                          timeout=90, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         child.expect("eql>")
         yield child
