@@ -157,9 +157,8 @@ def test_shell_in_a_pseudo_terminal(run_path, tmp_path):
         child.send(".layers\r")
         child.expect(r"linear1\.weight\s+16×8")
         child.expect("eql>")
-        # Ctrl-C interrupts a running query; the shell then works as before. The queries come from a script,
-        # so the line typed is short: a long one can still be in the line editor's raw mode when Ctrl-C is
-        # sent, and there it is a keystroke, not an interrupt
+        # Ctrl-C interrupts a running query; the shell then works as before. The queries come from a script
+        # (a short line to type), and Ctrl-C is sent once the first one's progress bar shows that it runs
         slow = tmp_path / "slow.eql"
         slow.write_text(SLOW.replace("; ", ";\n"))
         child.send(f".run {slow}\r")
