@@ -16,7 +16,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import lightning.pytorch as pl
+try:
+    import lightning.pytorch as pl
+except ImportError:
+    raise ImportError("explaind_ql.lightning needs Lightning: pip install \"explaind_ql[lightning]\"") from None
 
 from .errors import RecordingError
 from .loops import Rows, collated

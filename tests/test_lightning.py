@@ -66,3 +66,13 @@ def test_lightning_run_recorded_by_the_callback_passes_check(tmp_path, accumulat
 def test_lightning_settings_that_cannot_be_exact_are_refused(tmp_path):
     with pytest.raises(RecordingError, match="gradient_clip_algorithm='value'"):
         _fit(tmp_path, precision="64-true", gradient_clip_algorithm="value")
+
+
+@pytest.mark.parametrize("module,extra", [("explaind_ql.lightning", "lightning"), ("explaind_ql.hf.callback", "hf")])
+def test_a_missing_framework_names_the_extra_to_install(monkeypatch, module, extra):
+    import importlib
+    import sys
+    monkeypatch.setitem(sys.modules, "lightning.pytorch" if extra == "lightning" else "transformers", None)
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    with pytest.raises(ImportError, match=rf'pip install "explaind_ql\[{extra}\]"'):
+        importlib.import_module(module)

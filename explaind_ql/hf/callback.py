@@ -15,7 +15,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from transformers import TrainerCallback
+try:
+    from transformers import TrainerCallback
+except ImportError:
+    raise ImportError("explaind_ql.hf.Callback needs transformers: pip install \"explaind_ql[hf]\"") from None
 
 from ..errors import RecordingError
 from ..loops import Forwards, collated
