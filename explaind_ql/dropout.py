@@ -13,6 +13,7 @@ Only dropout is replayable: any other random draw in a training forward is refus
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -104,6 +105,12 @@ class Masks(TorchFunctionMode):
         return u >= p
 
 
+def replaying(seed: int | None, step: int, n: int) -> contextlib.AbstractContextManager:
+    """One forward of step ``step``'s ``n`` items, in order, with the masks their training forwards drew (``seed``:
+    the run's; None: a run that drew none)."""
+    return contextlib.nullcontext() if seed is None else Masks(step_seed(seed, step), torch.arange(n))
+
+
 def _arg(args, kwargs, pos: int, name: str, default):
     return kwargs.get(name, args[pos] if len(args) > pos else default)
 
@@ -151,7 +158,7 @@ class Training:
 
     def __init__(self, model: torch.nn.Module, seed: int):
         self.seed, self.step, self.items, self.paused = seed, 0, 0, False
-        self.fired = self.ever = False  # whether a forward drew masks in this step, in any step
+        self.fired = False  # whether a forward of this step drew masks
         self._open: list[Masks] = []
         self.hooks = [model.register_forward_pre_hook(self._enter, with_kwargs=True),
                       model.register_forward_hook(self._exit, with_kwargs=True, always_call=True)]
@@ -171,7 +178,6 @@ class Training:
         if masks is not None:
             masks.__exit__(None, None, None)
             self.fired = self.fired or masks.fired
-            self.ever = self.ever or masks.fired
 
     def next_step(self, step: int, batch_size: int) -> None:
         """Close step ``step - 1``, whose forwards must have run exactly its batch when they drew masks."""
@@ -181,9 +187,9 @@ class Training:
                                  "must go through exactly one training forward (use model.eval() for other passes)")
         self.step, self.items, self.fired = step, 0, False
 
-    def replay(self, step: int, n: int) -> Masks:
-        """The masks the forwards of step ``step`` drew for its ``n`` items, for one forward of all of them."""
-        return Masks(step_seed(self.seed, step), torch.arange(n))
+    def replay(self, step: int, n: int) -> contextlib.AbstractContextManager:
+        """The masks this step's forwards drew for its ``n`` items, for one forward of all of them (if they drew any)."""
+        return replaying(self.seed if self.fired else None, step, n)
 
     def remove(self) -> None:
         for h in self.hooks:

@@ -22,7 +22,7 @@ except ImportError:
     raise ImportError("explaind_ql.lightning needs Lightning: pip install \"explaind_ql[lightning]\"") from None
 
 from .errors import RecordingError
-from .loops import Rows, collated
+from .loops import Rows, collated, refuse
 from .recorder import Recorder
 
 
@@ -36,9 +36,7 @@ def _refuse(trainer: pl.Trainer, module: pl.LightningModule) -> None:
         (trainer.world_size > 1, f"{trainer.world_size} processes", "train on one device"),
         (trainer.gradient_clip_val and clip != "norm", f"gradient_clip_algorithm={clip!r}", "clip by norm"),
     ]
-    for bad, what, fix in checks:
-        if bad:
-            raise RecordingError(f"the Lightning Trainer uses {what}, which explaind_ql cannot decompose exactly; {fix}")
+    refuse("Lightning Trainer", checks)
 
 
 class Callback(pl.Callback):

@@ -33,6 +33,14 @@ def collated(dataset, collate) -> Any:
                          "(inputs, labels) pair")
 
 
+def refuse(loop: str, checks: list[tuple[Any, str, str]]) -> None:
+    """Raise for the first ``(bad, what, fix)`` whose ``bad`` holds: a setting of ``loop`` (a Trainer) whose updates
+    have no exact per-example decomposition."""
+    for bad, what, fix in checks:
+        if bad:
+            raise RecordingError(f"the {loop} uses {what}, which explaind_ql cannot decompose exactly; {fix}")
+
+
 class Tap:
     """The batch sampler's index lists, in the order it hands them to the data loader."""
 
@@ -128,4 +136,4 @@ def _same_rows(given, rows: torch.Tensor) -> bool:
     return given.shape == rows.shape and torch.equal(given.to(rows.device, rows.dtype), rows)
 
 
-__all__ = ["Forwards", "Rows", "Tap", "collated"]
+__all__ = ["Forwards", "Rows", "Tap", "collated", "refuse"]

@@ -15,7 +15,6 @@ gradient.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from functools import partial
@@ -431,7 +430,7 @@ class Recorder:
         dev = self._params[0].device
         theta = self.theta.to(dev).requires_grad_(True)
         named = self.space.unflatten(theta)
-        masks = self.training.replay(s, len(idx)) if self.training.fired else contextlib.nullcontext()
+        masks = self.training.replay(s, len(idx))
         self.training.paused = True
         try:
             with torch.enable_grad(), masks:

@@ -12,14 +12,13 @@ checkpoint is still measured and reported.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 
 import torch
 import torch.nn.functional as F
 
 from .. import model_io
-from ..dropout import Masks, step_seed
+from ..dropout import replaying
 from ..optim import OptState
 from ..run import Run, StepMeta
 
@@ -71,8 +70,7 @@ class TorchReplay:
         for g, lr, wd in zip(self.opt.param_groups, meta.lr, meta.weight_decay):
             g["lr"], g["weight_decay"] = float(lr), float(wd)
         b = meta.batch.to(self.device)
-        seed = run.dropout_seed
-        with contextlib.nullcontext() if seed is None else Masks(step_seed(seed, meta.step), torch.arange(len(b))):
+        with replaying(run.dropout_seed, meta.step, len(b)):
             out = model_io.forward(self.model, model_io.apply(self.x, lambda t: t[b]), run.output)
         self.loss(out, self.y[b], meta.weight).backward()
         if meta.clip != 1.0:

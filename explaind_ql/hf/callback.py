@@ -21,7 +21,7 @@ except ImportError:
     raise ImportError("explaind_ql.hf.Callback needs transformers: pip install \"explaind_ql[hf]\"") from None
 
 from ..errors import RecordingError
-from ..loops import Forwards, collated
+from ..loops import Forwards, collated, refuse
 from ..recorder import Recorder
 
 LM_CLASSES = ("LMHeadModel", "ForCausalLM")
@@ -41,9 +41,7 @@ def _refuse(args) -> None:
         (args.label_smoothing_factor > 0, "label smoothing (the Trainer's own loss)", "set label_smoothing_factor=0"),
         (args.neftune_noise_alpha is not None, "NEFTune (random noise in the embeddings)", "turn it off"),
     ]
-    for bad, what, fix in checks:
-        if bad:
-            raise RecordingError(f"the Trainer uses {what}, which explaind_ql cannot decompose exactly; {fix}")
+    refuse("Trainer", checks)
 
 
 class Callback(TrainerCallback):
