@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -49,9 +50,15 @@ def _peak_kib() -> int:
 
 
 def child(store: str, query: str, threads: int) -> None:
-    """One query in this (fresh) process: print its measurements as one JSON line."""
-    torch.set_num_threads(threads)
+    """One query in this (fresh) process: print its measurements as one JSON line (``threads`` 0: the
+    package's default, the cores free when the query starts)."""
     import explaind_ql as eq
+    from explaind_ql import threads as thread_policy
+    if threads:
+        torch.set_num_threads(threads)
+        os.environ[thread_policy.ENV] = str(threads)
+    else:
+        os.environ.pop(thread_policy.ENV, None)
     run = eq.open(store)
     t0 = time.perf_counter()
     frame = run.query(query)
@@ -64,6 +71,7 @@ def child(store: str, query: str, threads: int) -> None:
     else:
         residual = None
     print(json.dumps({"wall": secs, "engine": st.get("seconds"), "peak_mib": _peak_kib() / 1024, "rows": frame.height,
+                      "threads": st.get("threads"),
                       "residual": residual, **{k: st.get(k) for k in ("test_seconds", "trajectory_seconds", "evaluations",
                                                                     "kinks", "refined_steps", "replayed_steps")}}))
 

@@ -40,7 +40,7 @@ README_EXAMPLES = [
 def readme_config() -> pl.Config:
     """How the README prints frames: no shape line, no dtypes, at most 8 rows, wide enough for `check`."""
     return pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_rows=8,
-                     tbl_width_chars=160, fmt_str_lengths=40)
+                     tbl_width_chars=200, tbl_cols=10, fmt_str_lengths=40)
 
 
 def readme_block(run) -> str:
@@ -56,7 +56,8 @@ def main() -> None:
             sys.stdout.write(f"```\n{readme_block(run)}\n```\n")
         return
     pl.Config.set_tbl_rows(12)
-    pl.Config.set_tbl_width_chars(110)
+    pl.Config.set_tbl_width_chars(160)
+    pl.Config.set_tbl_cols(10)
     pl.Config.set_fmt_str_lengths(110)
     with tempfile.TemporaryDirectory() as d:
         run = eq.open(record_toy(f"{d}/toy.zarr", "transformer", "adamw", steps=12))

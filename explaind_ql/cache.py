@@ -7,8 +7,9 @@ the open run, and not in module globals, scopes them to it and drops them with i
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -41,9 +42,27 @@ class TensorCache(OrderedDict):
     def __setitem__(self, key, value) -> None:
         super().__setitem__(key, value)
         self.bytes += self._size(value)
-        while self.bytes > self.max_bytes and len(self) > 1:
+        self._evict()
+
+    def __delitem__(self, key) -> None:
+        self.bytes -= self._size(super().__getitem__(key))
+        super().__delitem__(key)
+
+    def _evict(self, keep_one: bool = True) -> None:
+        while self.bytes > self.max_bytes and len(self) > keep_one:
             _, old = self.popitem(last=False)
             self.bytes -= self._size(old)
+
+    @contextmanager
+    def capped(self, max_bytes: int) -> Iterator[None]:
+        """At most ``max_bytes`` held during the block (and what fits kept after it)."""
+        before = self.max_bytes
+        self.max_bytes = min(before, max_bytes)
+        self._evict(keep_one=False)
+        try:
+            yield
+        finally:
+            self.max_bytes = before
 
 
 @dataclass
@@ -62,6 +81,16 @@ class RunCache:
         fresh = RunCache()
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(fresh, name))
+
+    @contextmanager
+    def within(self, budget: int | None) -> Iterator[None]:
+        """A query's ``using budget``: the caches it grows hold at most a quarter of it each, so that what
+        the query leaves resident stays inside the budget too."""
+        if budget is None:
+            yield
+            return
+        with self.phi.capped(budget // 4), self.replay.capped(budget // 4):
+            yield
 
     def take_stats(self) -> dict:
         """The last result's stats, once: a shell prints its residual line under that result only."""

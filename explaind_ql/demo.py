@@ -14,6 +14,7 @@ tests use it.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import tempfile
 import time
@@ -23,6 +24,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from . import threads
 
 # The model and optimizer of examples/grokking/train.py --config small (keep them in sync).
 SMALL = dict(p=47, n_train=676, n_test=452, d_model=32, n_heads=4, d_mlp=128, act="relu",
@@ -44,7 +47,7 @@ FULL_MODE = Mode(
     "full", SMALL, steps=800, checkpoint_every=50, log_every=100,
     queries=(
         ("the grokking curve", "Test accuracy read back from the store; the states between checkpoints "
-         "are replayed exactly.", "evaluate on test[*] at steps 0:800 every 100"),
+         "are replayed exactly.", "evaluate on test[*] at steps 0..800 every 100"),
         ("influence per layer and phase", "How much each layer's updates moved the log-probability of the "
          "right answer on 64 test pairs, per 100 steps (all terms summed): down while the model memorises, "
          "up when it generalises.", "influence on test[0..63] by layer, step every 100 using quadrature 2"),
@@ -61,7 +64,7 @@ QUICK_MODE = Mode(
     "quick", QUICK, steps=120, checkpoint_every=20, log_every=30,
     queries=(
         ("the accuracy curve", "Test accuracy read back from the store.",
-         "evaluate on test[*] at steps 0:120 every 30"),
+         "evaluate on test[*] at steps 0..120 every 30"),
         ("influence per layer and phase", "How much each layer moved the test log-probabilities, per 40 steps.",
          "influence on test[0..15] by layer, step every 40 using quadrature 2"),
         ("the most influential training pairs", "Training pairs ranked by their contribution in steps 40-80.",
@@ -121,7 +124,8 @@ def _show(frame, query: str) -> str:
     if {"layer", "step"} <= set(frame.columns) and "example" not in frame.columns:
         table = frame.group_by("step", "layer", maintain_order=True).agg(pl.col("influence").sum())
         table = table.pivot(on="layer", index="step", values="influence").sort("step")
-        return f"{table}\n(rows: the first step of each bin; columns: layers; all terms summed)"
+        return (f"{table}\n(pivoted for display, all terms summed: the query returns one row per layer, step "
+                "and term; rows here: the first step of each bin; columns: layers)")
     if query.startswith("kernel") and "example" in frame.columns:
         grad = frame.filter(pl.col("term") == "gradient")
         matrix = grad.pivot(on="example", index="test", values="influence", aggregate_function="sum")
@@ -129,7 +133,8 @@ def _show(frame, query: str) -> str:
         rest = frame.filter(pl.col("term") != "gradient").group_by("term", maintain_order=True).agg(
             pl.col("influence").sum())
         other = ", ".join(f"{t} {v:+.4g}" for t, v in rest.iter_rows())
-        return f"{matrix}\n(gradient term per pair; the non-data terms over these test items: {other or 'none'})"
+        return (f"{matrix}\n(pivoted for display: the query returns one row per test item, pair and term; gradient "
+                f"term per pair here; the non-data terms over these test items: {other or 'none'})")
     return str(frame)
 
 
@@ -153,8 +158,8 @@ def run_demo(out: str | Path | None = None, quick: bool = False) -> Path:
     store = (root / f"grokking{'-quick' if quick else ''}{SUFFIX}").resolve()
     cfg = mode.config
     timings: list[tuple[str, float]] = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(DEMO_THREADS)
+    pin = contextlib.ExitStack()
+    pin.enter_context(threads.pinned(DEMO_THREADS))
     t_all = time.perf_counter()
     try:
         say(f"explaind-ql demo ({mode.name}): a one-layer transformer learns a + b mod {cfg['p']}", "bold")
@@ -206,7 +211,7 @@ def run_demo(out: str | Path | None = None, quick: bool = False) -> Path:
         say("The query language is described in docs/language.md; examples/grokking/ reproduces the "
             "paper's grokking analyses.")
     finally:
-        torch.set_num_threads(threads)
+        pin.close()
     return store
 
 

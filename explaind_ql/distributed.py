@@ -269,7 +269,7 @@ def compose(run: Run, req: Request, parts: Iterable[tuple[Result, list[int]]]) -
     """
     groups = Groups(run.space.subspace(list(req.params)), req, "cpu")
     contract = groups.contract
-    grad = wd = mom = m_carry = m_wd = m_ex = ex_cols = None
+    grad = wd = mom = along = m_carry = m_wd = m_ex = ex_cols = None
     first, actual, explained, stats = None, [], [], []
     for r, gbins in parts:
         if first is None:
@@ -278,6 +278,7 @@ def compose(run: Run, req: Request, parts: Iterable[tuple[Result, list[int]]]) -
             grad = torch.zeros(req.n_bins, T, r.gradient.shape[2], groups.G, dtype=dt)
             wd = torch.zeros(req.n_bins, T, groups.G, dtype=dt)
             mom = torch.zeros_like(wd)
+            along = None if r.along is None else torch.zeros_like(wd)
             m_carry, m_wd = r.momentum_in, torch.zeros_like(r.momentum_in)
             if req.data:  # the output column of each tracked example, as the momentum strategy assigns them
                 col, chosen = example_columns(run.split_size("train"), req, "cpu")
@@ -291,6 +292,8 @@ def compose(run: Run, req: Request, parts: Iterable[tuple[Result, list[int]]]) -
             wd[gb] += r.weight_decay[lb] + into_wd
             mom[gb] += r.momentum[lb] + into_mom
             grad[gb] += r.gradient[lb]
+            if along is not None:  # a chunk's φ·Δθ holds no momentum from before it
+                along[gb] += r.along[lb]
             if not req.data:  # the chunk's Δθ-based gradient term still holds the momenta entering it
                 grad[gb, :, 0] -= into_wd + into_mom
             elif has_ex:
@@ -303,8 +306,12 @@ def compose(run: Run, req: Request, parts: Iterable[tuple[Result, list[int]]]) -
         explained.append(r.step_explained)
         stats.append(r.stats)
     step_actual, step_explained = torch.cat(actual), torch.cat(explained)
-    return Result(grad, wd, mom, first.target_labels, first.example_ids, step_actual.sum(0),
-                  step_explained.sum(0), step_actual, step_explained, _merge_stats(stats))
+    out = Result(grad, wd, mom, first.target_labels, first.example_ids, step_actual.sum(0),
+                 step_explained.sum(0), step_actual, step_explained, _merge_stats(stats), along=along,
+                 start=first.start)
+    if "residual" in out.stats:  # each chunk's own lacks the momentum entering it: the whole's, again
+        out.stats.update(out.replication(run.split_size("train")))
+    return out
 
 
 def _merge_stats(parts: list[dict]) -> dict:

@@ -10,10 +10,11 @@ import polars as pl
 import psutil
 import torch
 
-from . import distributed
+from . import distributed, estimate, threads
 from .engine import budget as engine_budget
 from .engine.facts import Facts, facts_for
 from .engine.kernels import Engine
+from .errors import StoreError
 from .lang import parse
 from .measures import MEASURES, Computed, bind
 from .plan import RULES, Plan, Rule, optimise, render
@@ -69,37 +70,68 @@ def _computed(run: Run, bound: Bound, facts: Facts, plan: Plan | None) -> tuple[
     """The measure's frame and the contraction's stats (empty without one)."""
     measure = MEASURES[bound.measure]
     eng = result = None
-    if plan is None or plan.distribution is None:
-        eng = engine_for(run, str(facts.device), facts.dtype)
-        if plan is not None:
-            result = engine_budget.execute(eng, plan.chunks)
-    else:
-        result = distributed.execute(run, plan)
-    stats = result.stats if result is not None else {}
-    if measure.reports_residual:
-        run.cache.last_stats = stats
-    return measure.frame(Computed(run, bound, plan, result, eng)), stats
+    n_threads, source = threads.chosen(bound.threads)
+    with threads.using(n_threads), run.cache.within(bound.budget):
+        if plan is None or plan.distribution is None:
+            eng = engine_for(run, str(facts.device), facts.dtype)
+            if plan is not None:
+                result = engine_budget.execute(eng, plan.chunks)
+        else:
+            result = distributed.execute(run, plan)
+        stats = result.stats if result is not None else {}
+        stats.update(threads=n_threads, threads_from=source)
+        if measure.reports_residual:
+            run.cache.last_stats = stats
+        return measure.frame(Computed(run, bound, plan, result, eng)), stats
 
 
-def explain_text(run: Run, bound: Bound, facts: Facts, plan: Plan | None) -> str:
+def explain_text(run: Run, bound: Bound, facts: Facts, plan: Plan | None,
+                 cost: estimate.Estimate | None = None) -> str:
+    """The plan as text, with the query's estimated cost (from a pilot, unless given). Planning reads the
+    store's metadata only; the pilot needs the model, so a store whose model cannot be built here (an
+    untrusted factory) gets its plan and the reason there is no estimate."""
+    if cost is None:
+        try:
+            cost = predicted(run, bound, facts, plan)
+        except StoreError as exc:
+            return f"{_plan_text(run, bound, facts, plan)}\nestimate: unavailable: {exc}"
+    return f"{_plan_text(run, bound, facts, plan)}\n{cost.line()}"
+
+
+def _plan_text(run: Run, bound: Bound, facts: Facts, plan: Plan | None, analyzed: dict | None = None) -> str:
     if plan is None:
         return (f"{bound.measure.capitalize()}  steps {bound.a}:{bound.b}, {len(bound.test_items)} "
-                f"{bound.target_split} items, {len(bound.params)} param tensors (runs the model directly)")
-    return render(plan, run, facts)
+                f"{bound.target_split} items, {len(bound.params)} param tensors (runs the model directly)"
+                + (f"\nanalyzed: {analyzed['summary']}" if analyzed else ""))
+    return render(plan, run, facts, analyzed)
+
+
+def predicted(run: Run, bound: Bound, facts: Facts, plan: Plan | None) -> estimate.Estimate:
+    """The query's cost, from a pilot on this machine (its threads chosen as the query's would be)."""
+    eng = engine_for(run, str(facts.device), facts.dtype)
+    with threads.using(threads.chosen(bound.threads)[0]):
+        if plan is None:
+            return estimate.of_evaluation(run, eng, bound, getattr(bound.measure_args, "steps", ()))
+        return estimate.of_plan(run, eng, plan, facts)
 
 
 def analyze(run: Run, bound: Bound, facts: Facts, plan: Plan | None) -> str:
-    """Run the query and add measured time and memory per node to the plan."""
+    """Run the query and add measured time and memory per node to the plan, and its estimate against them."""
+    cost = predicted(run, bound, facts, plan)
     rss0 = psutil.Process().memory_info().rss
     cuda = facts.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(facts.device)
-    t0 = time.perf_counter()
+    traj = engine_for(run, str(facts.device), facts.dtype).traj
+    t0, replay0 = time.perf_counter(), traj.replayed_steps
     frame, st = _computed(run, bound, facts, plan)
     total = time.perf_counter() - t0
+    st.setdefault("replayed_steps", traj.replayed_steps - replay0)  # a measure without a contraction
     mem = torch.cuda.max_memory_allocated(facts.device) if cuda else max(0, psutil.Process().memory_info().rss - rss0)
+    versus = cost.against(total, st.get("evaluations", 0), mem, st.get("replayed_steps", 0))
     if plan is None:
-        return explain_text(run, bound, facts, plan) + f"\nanalyzed: {total:.3f} s, {frame.height} rows"
+        return (_plan_text(run, bound, facts, plan, {"summary": f"{total:.3f} s, {frame.height} rows"})
+                + f"\n{cost.line()}\n{versus}")
     fmt = engine_budget.fmt_bytes
     test_s, traj_s = st.get("test_seconds", 0.0), st.get("trajectory_seconds", 0.0)
     measured = {
@@ -114,9 +146,9 @@ def analyze(run: Run, bound: Bound, facts: Facts, plan: Plan | None) -> str:
                       f"{st.get('replayed_steps', 0)} steps replayed",
         "distributed": f"{st.get('wall_seconds', 0.0):.3f} s wall, {st.get('chunks', 1)} tasks on "
                        f"{len(st.get('worker_pids', []))} worker process(es)",
-        "summary": f"{total:.3f} s total, memory +{engine_budget.fmt_bytes(mem)} "
-                   f"({'peak CUDA' if cuda else 'resident growth'})"
+        "summary": f"{total:.3f} s total on {st['threads']} threads ({st['threads_from']}), memory "
+                   f"+{engine_budget.fmt_bytes(mem)} ({'peak CUDA' if cuda else 'resident growth'})"
                    + (f"; {line}" if (line := residual_line(st)) else ""),
     }
-    return render(plan, run, facts, measured)
+    return f"{_plan_text(run, bound, facts, plan, measured)}\n{cost.line()}\n{versus}"
 

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .engine.facts import facts_for
 from .errors import SemanticError
 from .lang.ast import AllItems, Components, IndexList, IndexRange, Query, SplitSel, selection_text
 from .run import Run
@@ -53,6 +54,7 @@ class Bound:
     measure_args: Any = None                # what only this measure needs (its module's own type)
     cluster: str | None = None              # `using cluster "ADDRESS"`: a Dask scheduler
     device_pinned: bool = False             # the query names its device (else workers use their GPU)
+    threads: int | None = None              # `using threads N` (None: explaind_ql.threads decides)
 
 
 def query_error(q: Query, msg: str, pos: int, hint: str | None = None) -> SemanticError:
@@ -61,8 +63,10 @@ def query_error(q: Query, msg: str, pos: int, hint: str | None = None) -> Semant
 
 
 def _suggest(word: str, choices) -> str | None:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
-    return f"did you mean '{close[0]}'?" if close else None
+    """The closest of ``choices``, ignoring case (``TEST`` → ``test``)."""
+    by_lower = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.5)
+    return f"did you mean '{by_lower[close[0]]}'?" if close else None
 
 
 def resolve_components(q: Query, comps: Components | None, run: Run) -> tuple[str, ...]:
@@ -140,6 +144,10 @@ def resolve_items(q: Query, sel: SplitSel, run: Run) -> tuple[int, ...]:
         if y.is_floating_point() or y.dim() != 1:
             raise query_error(q, f"'where label' needs class labels, but {sel.split} has real-valued targets", sel.pos)
         keep = set(sel.where_label)
+        n_out = outputs_of(run)
+        if any(c >= n_out for c in keep):
+            raise query_error(q, f"label {max(keep)} is out of range: the model has {n_out} classes (0..{n_out - 1})",
+                              sel.pos)
         items = [i for i in items if int(y[i]) in keep]
         if not items:
             raise query_error(q, f"no item of {sel.split} has label {' or '.join(map(str, sel.where_label))} "
@@ -148,6 +156,12 @@ def resolve_items(q: Query, sel: SplitSel, run: Run) -> tuple[int, ...]:
 
 
 SEQUENCE_TARGETS = ("loss", "logprob")
+
+
+def outputs_of(run: Run) -> int:
+    """How many outputs the model has per item (from the store's model facts: no model is built for a
+    store that has them)."""
+    return facts_for(run, "cpu", torch.float64).n_out
 
 
 def _is_classifier(run: Run, split: str) -> bool:
@@ -159,10 +173,12 @@ def _is_classifier(run: Run, split: str) -> bool:
 class Clauses:
     """Which clauses a measure takes. ``refuses``: the clauses it would ignore, each with why and what to
     write instead (docs/language.md, "Which clauses each measure takes"), refused rather than dropped;
-    ``fixed_shape``: it takes no ``by`` either."""
+    ``fixed_shape``: it takes no ``by`` either; ``states``: its steps name the states 0..N the run passed
+    through (``evaluate``), not the updates 0..N-1."""
 
     refuses: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     fixed_shape: bool = False
+    states: bool = False
 
 
 def check_clauses(q: Query, clauses: Clauses) -> None:
@@ -209,6 +225,9 @@ def bind(q: Query, run: Run, clauses: Clauses, distributed: bool = False) -> Bou
         default = "test" if "test" in run.splits else run.splits[-1]
         tsel, kind, output, tpos = SplitSel(default, AllItems()), "label", None, q.pos
     items = resolve_items(q, tsel, run)
+    if kind == "output" and output >= (n_out := outputs_of(run)):
+        raise query_error(q, f"output[{output}] is out of range: the model has {n_out} outputs (0..{n_out - 1})", tpos,
+                          "write 'output(...)' for every output")
     if run.loss.sequence:  # a sequence's targets are its token loss and its log-likelihood
         if q.target is None:
             kind = "loss"
@@ -226,19 +245,22 @@ def bind(q: Query, run: Run, clauses: Clauses, distributed: bool = False) -> Bou
             raise query_error(q, f"training examples come from the train split, not '{q.train.split}'", q.train.pos,
                        "write 'from train[...]'")
         examples = resolve_items(q, q.train, run)
-    # steps
-    n = run.n_steps
+    # steps: the updates 0..N-1, or the states 0..N for a measure of states
+    n = run.n_steps + clauses.states
     a, b = 0, n
     if q.steps is not None:
         st = q.steps
         a = 0 if st.start is None else st.start
         b = n if st.stop is None else st.stop
-        last = f"the run has {n} steps (0..{n - 1})" if n else "the run has no complete step"
+        last = (f"the run's states are 0..{n - 1}" if clauses.states
+                else f"the run has {n} steps (0..{n - 1})" if n else "the run has no complete step")
+        shown = f"step {a} is" if st.single else f"steps {a}:{b} are"
         if st.stop is not None and a >= b:
-            shown = f"{'' if st.start is None else st.start}:{st.stop}"
-            raise query_error(q, f"steps {shown} select no steps", st.pos, last)
+            raise query_error(q, f"steps {'' if st.start is None else st.start}:{st.stop} select no steps", st.pos, last)
         if a >= n or b > n or a >= b:
-            raise query_error(q, f"steps {a}:{b} are out of range: {last}", st.pos)
+            hint = (f"; step {n} is the final state, which only evaluate reads"
+                    if not clauses.states and b == n + 1 and st.single else "")
+            raise query_error(q, f"{shown} out of range: {last}{hint}", st.pos)
     dims = tuple(q.by.dims) if q.by is not None else ()
     step_every = (q.by.step_every or 1) if q.by is not None else 1
     if "token" in dims and not (run.loss.sequence and kind in SEQUENCE_TARGETS):
@@ -267,4 +289,5 @@ def bind(q: Query, run: Run, clauses: Clauses, distributed: bool = False) -> Bou
         top=q.top.k if q.top else None, top_abs=bool(q.top and q.top.by_abs), nodes=nodes,
         tolerance=None if fixed else float(opts.get("tolerance", DEFAULT_TOLERANCE)), device=device,
         dtype=getattr(torch, str(opts.get("dtype", "float64"))), budget=opts.get("budget"),
-        cluster=str(opts["cluster"]) if "cluster" in opts else None, device_pinned="device" in opts)
+        cluster=str(opts["cluster"]) if "cluster" in opts else None, device_pinned="device" in opts,
+        threads=opts.get("threads"))

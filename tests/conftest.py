@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+from explaind_ql import threads
 from explaind_ql.toy import record_toy
+
+# queries keep the one thread below (no load sampling per query); tests of the default unset it
+os.environ.setdefault(threads.ENV, "1")
 
 
 @pytest.fixture(scope="session")

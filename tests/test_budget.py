@@ -9,6 +9,7 @@ import textwrap
 import pytest
 
 import explaind_ql as eq
+from explaind_ql.cache import PHI_CACHE_BYTES
 from explaind_ql.errors import BudgetError
 
 BIG = "influence on test[*] by element, example, step, test"
@@ -76,3 +77,17 @@ def test_per_example_work_is_estimated_for_the_selected_examples_only(run_path):
             return estimate(req, P, P, 2, n_train, batch, 8)
         assert est((0, 1)) < est(tuple(range(n_train)))
         assert est((0, 1), batch=100 * n_train) == est((0, 1))
+
+
+def test_the_budget_holds_the_caches_a_query_grows(run_path):
+    """What a query leaves resident counts against its budget: the test-side cache keeps at most a quarter of it.
+    Without a budget the same query caches 244 KiB of φ, nearly the whole 256 KiB budget."""
+    run = eq.open(run_path)
+    free = run.query("influence on test[*] by test, example")
+    assert run.cache.phi.bytes > 200 << 10
+    run.cache.clear()
+    held = run.query("influence on test[*] by test, example using budget 256KiB")
+    assert 0 < run.cache.phi.bytes <= 64 << 10
+    assert run.cache.phi.max_bytes == PHI_CACHE_BYTES  # the cap is the query's; later queries cache as before
+    key = ["test", "example", "term"]
+    assert held.sort(key)["influence"].to_list() == pytest.approx(free.sort(key)["influence"].to_list(), rel=1e-9, abs=1e-15)

@@ -266,8 +266,18 @@ def test_plot_option_writes_an_image(run_path, tmp_path):
     result = invoke("query", run_path, "influence on test[0..1] by layer, step every 4", "--plot",
                     str(tmp_path / "steps.png"), "--format", "csv")
     assert result.exit_code == 0 and (tmp_path / "steps.png").read_bytes()[:4] == b"\x89PNG"
-    unplottable = invoke("query", run_path, "check on test[0]", "--plot", str(tmp_path / "no.png"))
-    assert unplottable.exit_code == 4 and "cannot plot" in unplottable.stderr
+    for query in ("check on test[0..2]", "influence on test[0..1] by example", "evaluate on test[*]"):
+        plotted = invoke("query", run_path, query, "--plot", str(tmp_path / "p.png"))
+        assert plotted.exit_code == 0 and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG", query
+    unplottable = invoke("query", run_path, "similarity on test[0..2]", "--plot", str(tmp_path / "no.png"))
+    assert unplottable.exit_code == 2 and "cannot plot" in unplottable.stderr
+    assert unplottable.stdout == "" and len(unplottable.stderr.strip().splitlines()) == 1  # refused before it runs
+
+
+def test_out_file_with_an_extension_that_names_no_format_is_refused(run_path, tmp_path):
+    result = invoke("query", run_path, QUERY, "--out", str(tmp_path / "x.xlsx"))
+    assert result.exit_code == 2 and "x.xlsx" in result.stderr and ".csv" in result.stderr
+    assert not (tmp_path / "x.xlsx").exists()
 
 
 # ------------------------------------------------------------------------------ .eql scripts
@@ -333,6 +343,9 @@ def test_repl_reads_piped_input(run_path):
     session = "influence on test[0..1]\n  by layer;\n.format csv\ncheck on test[0];\n.quit\n"
     result = invoke("repl", run_path, input=session)
     assert result.exit_code == 0
+    failing = invoke("repl", run_path, input="influence of layer nope;\ncheck on test[0];\n")
+    assert failing.exit_code == 3 and "unknown layer" in failing.stdout and "actual" in failing.stdout
+    assert invoke("repl", run_path, input="influence on tset[0] by layer;\n").exit_code == 3
     assert "linear1" in result.stdout and "format csv" in result.stdout and "test,actual" in result.stdout
 
 

@@ -30,6 +30,9 @@ def test_quick_demo_records_queries_and_says_what_next(tmp_path, capsys):
     assert f"explaind-ql repl {store}" in out
     assert f"explaind-ql query {store} " in out
     assert torch.get_num_threads() == threads  # the demo's thread setting does not leak
+    assert out.count("pivoted for display") == 2  # the layer × step and kernel tables say they are not query's
+    curve = run.query(QUICK_MODE.queries[0][2])
+    assert curve["step"].to_list()[-1] == QUICK_MODE.steps  # the curve reaches the final state
     assert elapsed < 45, f"the quick demo took {elapsed:.0f} s"
 
 

@@ -382,6 +382,17 @@ def test_did_you_mean(text, hint):
     assert err.hint == hint and hint in err.render().splitlines()[0]
 
 
+def test_an_unknown_target_function_lists_the_target_functions():
+    err = error("influence on logits(test[0])")
+    assert "unknown target function 'logits'" in err.message
+    assert "label, loss, output, logprob, prob, margin" in err.message and err.pos == len("influence on ")
+
+
+def test_a_component_named_without_its_kind_suggests_layer_and_param():
+    err = error("influence of emb on test[0]")
+    assert err.hint == "name a component by its kind: 'layer emb' or 'param emb'"
+
+
 # ------------------------------------------------------------------ completion, grammar file
 
 def test_expected_tokens():

@@ -214,14 +214,17 @@ def test_the_recorded_model_facts_are_what_the_rebuilt_model_measures(toy_run, m
     assert bool(recorded["kink_segments"]) == (act == "relu")
 
 
-def test_explain_builds_no_model(toy_run, monkeypatch):
-    """explain plans from the run's metadata alone: the model is first built when a query runs."""
+def test_planning_builds_no_model(toy_run, monkeypatch):
+    """Plans come from the run's metadata alone: the model is first built when something runs (explain's
+    pilot, for its estimate, or the query)."""
+    from explaind_ql.execute import explain_text, prepare
     run = eq.open(toy_run("transformer", "adamw", act="relu", steps=STEPS))
     monkeypatch.setattr(type(run), "build_model", lambda self: pytest.fail("the model was built to plan"))
-    text = run.explain("influence on test[*] by layer, step")
-    assert "corrected for every ReLU kink" in text and not run.cache.engines
+    bound, facts, plan = prepare(run, "influence on test[*] by layer, step")
+    assert plan.chunks is not None and not run.cache.engines
     monkeypatch.undo()
-    assert run.query("influence on test[*] by layer").height and run.cache.engines
+    text = explain_text(run, bound, facts, plan)
+    assert "corrected for every ReLU kink" in text and "estimate: " in text and run.cache.engines
 
 
 def test_a_store_without_model_facts_is_planned_from_its_rebuilt_model(toy_run):
@@ -230,7 +233,8 @@ def test_a_store_without_model_facts_is_planned_from_its_rebuilt_model(toy_run):
     new, old = eq.open(path), eq.open(path)
     del old.attrs[MODEL_FACTS]
     text = "influence of layer emb on test[0..3] over steps 2:10 by example"
-    assert old.explain(text) == new.explain(text) and old.cache.model_facts == new.attrs[MODEL_FACTS]
+    plans = [run.explain(text).rsplit("\nestimate: ", 1)[0] for run in (old, new)]  # the estimates are timed
+    assert plans[0] == plans[1] and old.cache.model_facts == new.attrs[MODEL_FACTS]
 
 
 def test_quadrature_rule_starts_smooth_models_from_more_nodes(run, toy_run):
@@ -286,7 +290,17 @@ def test_every_measure(run, sgd_run):
     out = run.query("influence on output(test[0]) by output")
     assert out.filter(pl.col("term") == "gradient").height == 7
     top = run.query("influence on test[*] by example top 3 abs")
-    assert top.height == 3 and top["influence"].abs().is_sorted(descending=True)
+    ranked = top.filter(pl.col("example").is_not_null())
+    assert ranked.height == 3 and ranked["influence"].abs().is_sorted(descending=True)
+    assert top.head(3).equals(ranked)  # the examples first; the non-data terms follow, not ranked among them
+    every = run.query("influence on test[*] by example")
+    assert set(top.filter(pl.col("example").is_null())["term"]) == set(every.filter(pl.col("example").is_null())["term"])
+    assert ranked["example"].to_list() == (every.filter(pl.col("example").is_not_null())
+                                           .sort(pl.col("influence").abs(), descending=True)["example"].head(3).to_list())
+    # the final state is in reach: at step N, and an inclusive range that ends at it
+    assert run.query(f"evaluate on test[*] at steps 0..{STEPS} every 4")["step"].to_list() == [0, 4, 8, 12]
+    final = run.query(f"evaluate on test[*] at step {STEPS}")
+    assert final["step"].to_list() == [STEPS] and abs(final["kl_to_final"][0]) < 1e-12
 
 
 def test_params_and_options(run):
@@ -309,7 +323,15 @@ def test_params_and_options(run):
     ("check on test[0] by layer", "'check' has a fixed shape", 18),
     ("influence on test[0] by output", "'by output' needs a target with several outputs", 22),
     ("influence on test[0] using quadrature 3, tolerance 1e-3", "fixes the nodes", 22),
-    ("influence on test where label = 99", "no item of test has label 99", 14),
+    ("influence on test where label = 99", "label 99 is out of range: the model has 7 classes (0..6)", 14),
+    ("influence on test[1..4] where label = 6", "no item of test has label 6", 14),
+    # every index the language takes is range-checked: outputs, classes, steps (silent zeros before)
+    ("influence on output[9](test[0])", "output[9] is out of range: the model has 7 outputs (0..6)", 14),
+    ("check on output[7](test[0])", "output[7] is out of range", 10),
+    ("influence at step 12", "step 12 is out of range: the run has 12 steps (0..11); step 12 is the final state, "
+                             "which only evaluate reads", 11),
+    ("evaluate on test[*] at step 13", "step 13 is out of range: the run's states are 0..12", 21),
+    ("INFLUENCE ON TEST[0]", "unknown split 'TEST'; did you mean 'test'?", 14),
     # one rule for repeated items, in `on` and `from` alike (never counted twice, never merged)
     ("kernel on test[0,0] from train[0]", "test item 0 is selected twice; list each item once", 15),
     ("kernel on test[0] from train[0, 0]", "train item 0 is selected twice; list each item once", 29),

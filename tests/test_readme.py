@@ -147,7 +147,9 @@ def test_python_blocks_run_in_order_in_one_namespace(tmp_path, monkeypatch):
     by_layer = frames["influence on test[*] by layer"]
     assert set(by_layer["layer"]) == {"emb", "attn", "linear1", "linear2", "unembed"}
     top = frames["influence of layer emb on test[0..9] over steps 10:40 by example top 5 abs"]
-    assert top.height == 5 and top["influence"].abs().is_sorted(descending=True)
+    ranked = top.head(5)  # the five examples, then the terms that are not examples
+    assert ranked["example"].null_count() == 0 and ranked["influence"].abs().is_sorted(descending=True)
+    assert top.height == 5 + top["example"].null_count()
     check = frames["check on test[*]"]
     assert check.height == 60 and float(check["relative_residual"].max()) < 1e-5
     both = next(v for (fn, _), v in results.items() if fn == "compare")
@@ -156,7 +158,8 @@ def test_python_blocks_run_in_order_in_one_namespace(tmp_path, monkeypatch):
     # Hugging Face: the Trainer's run, recorded by the callback, rebuilt from its config
     assert explaind_ql.open("runs/gpt2.zarr").n_steps == 20
     assert "transformer.h.1.mlp.c_fc" in set(frames["influence on loss(test[0..3]) by layer"]["layer"])
-    assert frames["influence on loss(test[0]) by example top 5 abs"].height == 5
+    sequences = frames["influence on loss(test[0]) by example top 5 abs"]
+    assert sequences.head(5)["example"].null_count() == 0 and sequences.height == 5 + sequences["example"].null_count()
     assert float(frames["check on loss(test[*])"]["relative_residual"].abs().max()) < 1e-4
 
 
@@ -184,7 +187,7 @@ def cells(table: str) -> list[list[str]]:
 
 # check's error columns are rounding noise under the tolerance: they differ between machines and
 # engine versions, so the README's values and today's are both held to the default tolerance
-NOISE = {"residual", "relative_residual", "max_update_error", "max_replay_drift"}
+NOISE = {"residual", "relative_residual", "rounding", "max_update_error", "max_replay_drift"}
 
 
 def same(column: str, a: str, b: str) -> bool:
@@ -219,3 +222,36 @@ def test_glance_tables_are_what_the_tool_prints_now(toy_run):
             assert len(got) == len(want) and got[0] == want[0] and all(
                 len(g) == len(w) and all(map(same, got[0], g, w)) for g, w in zip(got[1:], want[1:])), \
                 f"README output of {query!r} is stale; regenerate with python docs/examples.py --readme:\n{now}"
+
+
+def language_examples() -> list[tuple[str, str]]:
+    """(query, printed output) of each ``>>>`` block of docs/language.md's "Examples with real output"."""
+    text = (ROOT / "docs" / "language.md").read_text().split("## Examples with real output", 1)[1]
+    return [(body[4:].split("\n", 1)[0], body.split("\n", 1)[1].rstrip("\n"))
+            for tag, body in FENCE.findall(text) if body.startswith(">>> ")]
+
+
+def _masked(text: str) -> list[str]:
+    """Plan text with its machine-dependent numbers (budget, estimate, timings) masked."""
+    return [re.sub(r"[0-9][0-9.,e+-]*", "#", line) for line in text.splitlines()]
+
+
+def test_the_language_docs_examples_are_what_the_tool_prints_now(toy_run):
+    import polars as pl
+
+    import explaind_ql
+    examples = _docs_examples()
+    shown = language_examples()
+    assert [q for q, _ in shown] == examples.EXAMPLES
+    run = explaind_ql.open(toy_run("transformer", "adamw", steps=12))
+    with pl.Config(tbl_rows=12, tbl_width_chars=160, tbl_cols=10, fmt_str_lengths=110):
+        for query, printed in shown:
+            if query.startswith("explain"):
+                assert _masked(run.explain(query.removeprefix("explain "))) == _masked(printed), \
+                    f"docs/language.md's plan of {query!r} is stale; regenerate with python docs/examples.py"
+                continue
+            now = str(run.query(query))
+            got, want = cells(now), cells(printed)
+            assert len(got) == len(want) and got[0] == want[0] and all(
+                len(g) == len(w) and all(map(same, got[0], g, w)) for g, w in zip(got[1:], want[1:])), \
+                f"docs/language.md's output of {query!r} is stale; regenerate with python docs/examples.py:\n{now}"

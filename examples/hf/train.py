@@ -96,8 +96,8 @@ def main() -> None:
             if "example" in frame.columns or "token" in frame.columns:  # the sentences behind the numbers
                 print(f"test[0]: {text(data[56])}")
             if "example" in frame.columns:
-                for k, v in frame.select("example", "influence").iter_rows():
-                    print(f"  train[{k}] {v:+.3f}  {text(data[k])}")
+                for k, term, v in frame.select("example", "term", "influence").iter_rows():
+                    print(f"  train[{k}] {v:+.3f}  {text(data[k])}" if k is not None else f"  ({term}) {v:+.3g}")
                 print()
 
 

@@ -176,29 +176,37 @@ def split(req: Request, sel_params: list[str]) -> tuple[str, list[Request]] | No
 def merge(axis: str, parts: list[Result], by_element: bool) -> Result:
     """Join partial results: concatenate along tests/examples/elements, add over params."""
     first = parts[0]
-    if len(parts) == 1:
+    if len(parts) == 1 or axis == "segment":
         return first
     cat = torch.cat
+
+    def each(name: str, join):
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else join(values)
     if axis == "test":
         r = Result(cat([p.gradient for p in parts], 1), cat([p.weight_decay for p in parts], 1),
                    cat([p.momentum for p in parts], 1), sum((p.target_labels for p in parts), []),
                    first.example_ids, cat([p.actual for p in parts]), cat([p.explained for p in parts]),
-                   cat([p.step_actual for p in parts], 1), cat([p.step_explained for p in parts], 1))
-    elif axis == "segment":
-        return first
-    elif axis == "example":
+                   cat([p.step_actual for p in parts], 1), cat([p.step_explained for p in parts], 1),
+                   along=each("along", lambda ts: cat(ts, 1)), rebuild_gap=each("rebuild_gap", lambda ts: cat(ts, 1)),
+                   start=each("start", cat))
+    elif axis == "example":  # Σ φ·Δθ does not depend on the examples: every part has the whole of it
         r = Result(cat([p.gradient for p in parts], 2), first.weight_decay, first.momentum, first.target_labels,
                    cat([p.example_ids for p in parts]), first.actual, first.explained,
-                   first.step_actual, first.step_explained)
+                   first.step_actual, first.step_explained, along=first.along, start=first.start)
     else:  # param chunks: element groups concatenate, named groups add
         join = (lambda ts: cat(ts, -1)) if by_element else (lambda ts: sum(ts))
         r = Result(join([p.gradient for p in parts]), join([p.weight_decay for p in parts]),
                    join([p.momentum for p in parts]), first.target_labels, first.example_ids,
                    first.actual, sum(p.explained for p in parts), first.step_actual,
-                   sum(p.step_explained for p in parts))
+                   sum(p.step_explained for p in parts), along=each("along", join),
+                   rebuild_gap=each("rebuild_gap", join), start=first.start)
     r.stats = dict(first.stats, chunks=sum(p.stats.get("chunks", 1) for p in parts),
                    seconds=sum(p.stats.get("seconds", 0.0) for p in parts),
                    evaluations=sum(p.stats.get("evaluations", 0) for p in parts))
+    if axis == "test" and "residual" in first.stats:  # each part replicates its own items
+        r.stats.update({k: max(p.stats[k] for p in parts) for k in ("residual", "change", "rounding")
+                        if k in first.stats})
     return r
 
 

@@ -17,7 +17,10 @@ Three strategies compute the same sum (math.md, Step 3) in different orders:
               selected examples and params.
 
 Every strategy reports the ``weight_decay`` and ``momentum`` (carried in from before the
-selected steps) terms separately from the ``gradient`` term.
+selected steps) terms separately from the ``gradient`` term. The per-example strategies also
+report ``rounding``: ∫∇F·(Δθ_recorded − Δθ_rebuilt), the part of the recorded update that its
+per-example gradients do not rebuild (a float32 recording's rounding), so that their terms
+still sum to the real change. ``check`` asks for it directly (``Request.rebuild``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from .. import dropout, model_io, progress
 from ..optim import LinearStep
 from ..params import ParamSpace
 from ..run import Run
-from . import quadrature, targets
+from . import quadrature, reconstruct, targets
 from .facts import facts_for, measured
 from .model_fn import Draw, ModelFn, Path
 from .targets import TargetSpec
@@ -87,6 +90,9 @@ class Request:
     # linear response to the momentum entering it (Result.response and the fields after it)
     window: tuple[int, int] | None = None
     carry_response: bool = False
+    # check: rebuild each step's update from its batch's gradients (invariant 3), report each step's
+    # update error, and keep the gap's share of the change apart as the ``rounding`` term
+    rebuild: bool = False
 
     @property
     def data(self) -> bool:
@@ -114,10 +120,40 @@ class Result:
     decay_momentum: torch.Tensor | None = None    # (P_sel,): decay momentum built up inside the chunk
     example_momentum: torch.Tensor | None = None  # (E_tracked, P_sel): per-example momentum built up inside
     momentum_in: torch.Tensor | None = None       # (P_sel,): recorded momentum before the chunk's first step
+    # the per-example strategies: (bins, T, G) Σ_s ∫∇F·Δθ_s of the recorded updates, which the terms of
+    # every example sum to but for the rebuild's gap (:meth:`rounding`)
+    along: torch.Tensor | None = None
+    rebuild_gap: torch.Tensor | None = None       # Request.rebuild: (bins, T, G) ∫∇F·(Δθ_recorded − Δθ_rebuilt)
+    start: torch.Tensor | None = None             # (T,) F(θ_a): what a change too small to judge is measured against
 
-    def total(self) -> torch.Tensor:
-        """Sum of every term per target: what the frame's ``influence`` column sums to."""
-        return self.gradient.sum((0, 2, 3)) + self.weight_decay.sum((0, 2)) + self.momentum.sum((0, 2))
+    def rounding(self, n_train: int | None) -> torch.Tensor | None:
+        """(bins, T, G) the part of the change the per-example gradients do not rebuild, or None when the
+        result has no such term (no example axis, or not all ``n_train`` training examples; None: only the
+        gap a rebuilding request measured)."""
+        if self.rebuild_gap is not None:
+            return self.rebuild_gap
+        if self.along is None or n_train is None or len(set(self.example_ids.tolist())) < n_train:
+            return None
+        return self.along - self.gradient.sum(2) - self.weight_decay - self.momentum
+
+    def replication(self, n_train: int) -> dict[str, float]:
+        """The exact change F(θ_b) − F(θ_a) against the sum of every term: the stats' ``residual`` (largest
+        over targets), ``change`` (the largest change) and, with a rounding term, ``rounding`` (its largest),
+        for a result of the whole model and every example."""
+        out = {"residual": float((self.actual - self.total(n_train)).abs().max()),
+               "change": float(self.actual.abs().max())}
+        r = self.rounding(n_train)
+        if r is not None:  # what the frame's rounding term holds: the largest over targets
+            out["rounding"] = float(r.sum((0, 2)).abs().max())
+        return out
+
+    def total(self, n_train: int | None = None) -> torch.Tensor:
+        """Sum of every term per target: what the frame's ``influence`` column sums to. With ``n_train``, the
+        rounding term of a result over all those training examples too; without, the terms the per-example
+        gradients rebuild (invariant 1's sum)."""
+        r = self.rounding(n_train)
+        return (self.gradient.sum((0, 2, 3)) + self.weight_decay.sum((0, 2)) + self.momentum.sum((0, 2))
+                + (0 if r is None else r.sum((0, 2))))
 
 
 class Engine:
@@ -305,6 +341,11 @@ class _Context:
         self.grad = torch.zeros(B, T, self.E if req.data else 1, G, dtype=dt, device=dev)
         self.wd = torch.zeros(B, T, G, dtype=dt, device=dev)
         self.mom = torch.zeros(B, T, G, dtype=dt, device=dev)
+        # Σ φ·Δθ of the recorded steps (Result.along), the rebuild's gap (Request.rebuild)
+        self.along = torch.zeros(B, T, G, dtype=dt, device=dev) if req.keep_examples else None
+        self.gap = torch.zeros(B, T, G, dtype=dt, device=dev) if req.rebuild else None
+        self.update_errors: list[float] = []
+        self.start: torch.Tensor | None = None  # F(θ_a) per target
         self.step_actual = torch.zeros(n_steps, T, dtype=dt, device=dev)
         self.step_explained = torch.zeros(n_steps, T, dtype=dt, device=dev)
         self.qstats = quadrature.QuadStats()
@@ -567,7 +608,10 @@ class _Context:
         return self.eng.fn.activation_elements(self.eng.theta0, lanes.xs(0))
 
     def check_step(self, k: int, rec: StepRecord, explained: torch.Tensor) -> None:
-        self.step_actual[k] = self._f(rec.theta_next) - self._f(rec.theta)
+        before = self._f(rec.theta)
+        if k == 0:
+            self.start = before
+        self.step_actual[k] = self._f(rec.theta_next) - before
         self.step_explained[k] = explained
 
     # -- contraction helpers -----------------------------------------------------------------
@@ -620,6 +664,8 @@ class _Context:
                 continue
             phi = self.phi(rec)
             self.check_step(k, rec, phi @ rec.delta[idx])
+            if self.along is not None:
+                self.along[bn] += self.contract(phi, rec.delta[idx])
             if req.carry_response:
                 resp = self.response_out
                 resp["transfer"] = ls.a * resp["transfer"]
@@ -627,7 +673,12 @@ class _Context:
             self.wd[bn] += self.contract(phi, decay)
             self.mom[bn] += self.contract(phi, carry)
             if not per_example:
-                self.grad[bn, :, 0] += self.contract(phi, rec.delta[idx] - decay - carry)
+                rest = rec.delta[idx] - decay - carry
+                gap = self._gap(rec)
+                if gap is not None:
+                    self.gap[bn] += self.contract(phi, gap)
+                    rest = rest - gap
+                self.grad[bn, :, 0] += self.contract(phi, rest)
                 continue
             ex, _, pos = self.batch_examples(rec)
             m_ex *= ls.a
@@ -647,7 +698,9 @@ class _Context:
     def _project_step(self, k: int, bn: int, rec: StepRecord, decay: torch.Tensor, carry: torch.Tensor) -> None:
         """One step of the project strategy: the terms straight from the projections."""
         has_carry = bool(carry.any())
-        vecs = torch.stack([rec.delta[self.idx], decay] + ([carry] if has_carry else []))
+        gap = self._gap(rec)
+        vecs = torch.stack([rec.delta[self.idx], decay] + ([carry] if has_carry else [])
+                           + ([gap] if gap is not None else []))
         proj = self.projections(rec, vecs).transpose(1, 2)  # (V, T, G)
         self.check_step(k, rec, proj[0].sum(1))
         self.wd[bn] += proj[1]
@@ -655,7 +708,20 @@ class _Context:
         if has_carry:
             self.mom[bn] += proj[2]
             rest = rest - proj[2]
+        if gap is not None:
+            self.gap[bn] += proj[-1]
+            rest = rest - proj[-1]
         self.grad[bn, :, 0] += rest
+
+    def _gap(self, rec: StepRecord) -> torch.Tensor | None:
+        """With Request.rebuild: Δθ_recorded − Δθ_rebuilt of the selection, the step's update error noted."""
+        if not self.req.rebuild:
+            return None
+        t0 = time.perf_counter()
+        rebuilt = reconstruct.rebuilt(self.eng, rec)
+        self.seconds["rebuild"] = self.seconds.get("rebuild", 0.0) + time.perf_counter() - t0
+        self.update_errors.append(reconstruct.update_error(rec, rebuilt))
+        return (rec.delta - rebuilt)[self.idx]
 
     # -- backward strategy (fold) ------------------------------------------------------------
     def run_fold(self) -> None:
@@ -676,6 +742,8 @@ class _Context:
                     m0 = rec.state_before.momentum.to(self.eng.device, self.eng.dtype)[self.idx]
                 phi = self.phi(rec)
                 self.check_step(rec.s - req.a, rec, phi @ rec.delta[self.idx])
+                if self.along is not None:
+                    self.along[0] += self.contract(phi, rec.delta[self.idx])
                 rec.state_before = None
                 records.append((rec, rec.linear.take(self.idx), phi))
             for rec, ls, phi in reversed(records):
@@ -717,11 +785,14 @@ class _Context:
 
     # -- result ------------------------------------------------------------------------------
     def result(self) -> Result:
-        every_example = self.req.examples is None or len(set(self.req.examples)) == self.eng.run.split_size("train")
-        if self.all_params and every_example:  # the exact F(θ_b) − F(θ_a) against the sum of every term
-            total = self.grad.sum((0, 2, 3)) + self.wd.sum((0, 2)) + self.mom.sum((0, 2))
-            actual = self.step_actual.sum(0)
-            self.stats.update(residual=float((actual - total).abs().max()), change=float(actual.abs().max()))
+        n_train = self.eng.run.split_size("train")
+        every_example = self.req.examples is None or len(set(self.req.examples)) == n_train
+        out = Result(self.grad, self.wd, self.mom, self.labels, self.example_ids.cpu(),
+                     self.step_actual.sum(0), self.step_explained.sum(0), self.step_actual,
+                     self.step_explained, self.stats, **self.response_out, along=self.along, rebuild_gap=self.gap,
+                     start=self.start)
+        if self.all_params and every_example:
+            self.stats.update(out.replication(n_train))
         self.stats.update(tolerance=self.req.tolerance, nodes=self.req.nodes)
         self.stats.update(test_seconds=self.seconds["test"], trajectory_seconds=self.seconds["trajectory"],
                           test_bytes=self.grown["test"], trajectory_bytes=self.grown["trajectory"],
@@ -730,6 +801,6 @@ class _Context:
                           kinks=self.qstats.kinks, corrected_lanes=self.qstats.corrected_lanes,
                           joined_items=self.joined_items,
                           unconverged_steps=list(self.qstats.unconverged))
-        return Result(self.grad, self.wd, self.mom, self.labels, self.example_ids.cpu(),
-                      self.step_actual.sum(0), self.step_explained.sum(0), self.step_actual,
-                      self.step_explained, self.stats, **self.response_out)
+        if self.req.rebuild:
+            self.stats.update(update_errors=self.update_errors, rebuild_seconds=self.seconds.get("rebuild", 0.0))
+        return out

@@ -72,6 +72,12 @@ def measure_keywords() -> frozenset[str]:
 
 
 @lru_cache(maxsize=1)
+def target_functions() -> tuple[str, ...]:
+    """What the grammar's ``target_fn`` rule allows before ``(``, as typed."""
+    return tuple(sym.name.lower() for rule in _lark().rules if rule.origin.name == "target_fn" for sym in rule.expansion)
+
+
+@lru_cache(maxsize=1)
 def _words() -> dict[str, str]:
     """Terminal name -> what the user types: keyword, punctuation or a <placeholder>."""
     words = {"$END": "end of query"}
@@ -177,12 +183,21 @@ def _syntax_error(e: UnexpectedInput, text: str, start: str) -> QuerySyntaxError
     shown = {words[name] for name in accepted} - {"end of query", ";"} or {words[n] for n in accepted}
     expected = ("one of: " if len(shown) > 1 else "") + ", ".join(sorted(_quoted(word) for word in shown))
     hint = None
+    # `on logits(test[0])`: a name before '(' that holds a selection is a target function the grammar lacks
+    if found == "'('" and re.match(r"\(\s*[A-Za-z_$]", text[pos:]) and (
+            fn := re.search(r"\bon\s+([A-Za-z_]\w*)\s*(\[[^\]]*\])?\s*$", text[:pos], re.I)):
+        fns = target_functions()
+        close = difflib.get_close_matches(fn.group(1).lower(), fns, 1)
+        return QuerySyntaxError(f"unknown target function '{fn.group(1)}'; target functions are: {', '.join(fns)}",
+                                text, fn.start(1), f"did you mean '{close[0]}'?" if close else None)
     if not at_end and match and match.group()[0].isalpha():
         word = match.group().lower()
         close = difflib.get_close_matches(word, sorted(words[n] for n in accepted if _is_keyword(n)), 1)
         hint = f"did you mean '{close[0]}'?" if close else None
         if accepted & measure_keywords() and word not in {words[n] for n in words if _is_keyword(n)}:
             return QuerySyntaxError(f"unknown measure {found}; expected {expected}", text, pos, hint)
+        if {"LAYER", "PARAM"} <= set(accepted) and not hint:  # a component named without its kind
+            hint = f"name a component by its kind: 'layer {match.group()}' or 'param {match.group()}'"
     return QuerySyntaxError(f"unexpected {found}; expected {expected}", text, pos, hint)
 
 
@@ -254,7 +269,7 @@ def _opt_string(value: ParamValue) -> str:
 
 _OPTIONS: dict[str, Callable[[ParamValue], ParamValue]] = {
     "budget": _opt_size, "cluster": _opt_string, "device": _opt_device, "dtype": _opt_dtype,
-    "quadrature": _opt_int, "tolerance": _opt_float,
+    "quadrature": _opt_int, "threads": _opt_int, "tolerance": _opt_float,
 }
 _OPTION_SYNONYMS = {"nodes": "quadrature"}
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 from dataclasses import replace
 
 import polars as pl
+import torch
 
-from ..engine.reconstruct import update_errors
 from ..lang.ast import Query
-from ..plan import logical
+from ..plan import Plan, logical
 from ..run import Run
 from ..semantic import Bound, Clauses
 from .base import Computed, Measure
+
+RELATIVE_FLOOR = float(torch.finfo(torch.float64).eps) ** 0.5
 
 CLAUSES = Clauses({
     "of": ("it replicates the change of the whole model, so it uses every param", "remove the 'of' clause"),
@@ -31,29 +33,42 @@ def complete(q: Query, bound: Bound, run: Run) -> Bound:
 
 def schema(bound: Bound, run: Run) -> tuple[str, ...]:
     """The keys ``complete`` set, then the replication columns."""
-    return bound.dims + ("actual", "explained", "residual", "relative_residual", "max_update_error",
+    return bound.dims + ("actual", "explained", "residual", "relative_residual", "rounding", "max_update_error",
                          "max_replay_drift", "unconverged_steps")
+
+
+def rebuilt(bound: Bound, run: Run) -> Plan:
+    """The logical plan, each step's update also rebuilt from its batch's gradients (invariant 3)."""
+    p = logical(bound, run)
+    return replace(p, request=replace(p.request, rebuild=True))
+
+
+def relative_scale(actual: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """What each item's residual is relative to: its own change, or, for an item that barely moves,
+    √ε·(1 + |F(θ_a)|) (a change below that is rounding of F itself). No other item enters it."""
+    return torch.maximum(actual.abs(), RELATIVE_FLOOR * (1 + start.abs()))
 
 
 def frame(c: Computed) -> pl.DataFrame:
     """The decomposition's prediction against the real change, per target."""
-    r, b, eng = c.result, c.bound, c.engine
-    assert r is not None and eng is not None  # check runs in this process
-    explained = r.total().cpu()
+    r, b = c.result, c.bound
+    assert r is not None and r.rebuild_gap is not None
+    explained = r.total(c.run.split_size("train")).cpu()
     actual = r.actual.cpu()
-    upd = update_errors(eng, b.a, b.b)
+    upd = r.stats.get("update_errors", [])
     drift = [d.rel_error for s, d in c.run.cache.drift.items() if b.a < s <= b.b]
-    scale = float(actual.abs().max()) or 1.0
+    scale = relative_scale(actual, r.start.cpu() if r.start is not None else torch.zeros_like(actual))
     return pl.DataFrame({
         "test": [t for t, _ in r.target_labels],
         **({"output": [o for _, o in r.target_labels]} if b.target_kind == "outputs" else {}),
         "actual": actual.numpy(), "explained": explained.numpy(),
         "residual": (actual - explained).numpy(),
         "relative_residual": ((actual - explained).abs() / scale).numpy(),
-        "max_update_error": [float(upd.max()) if len(upd) else 0.0] * len(actual),
+        "rounding": r.rebuild_gap.sum((0, 2)).cpu().numpy(),
+        "max_update_error": [max(upd, default=0.0)] * len(actual),
         "max_replay_drift": [max(drift) if drift else 0.0] * len(actual),
         "unconverged_steps": [len(r.stats.get("unconverged_steps", []))] * len(actual),
     })
 
 
-MEASURE = Measure("check", CLAUSES, complete, logical, frame, schema)
+MEASURE = Measure("check", CLAUSES, complete, rebuilt, frame, schema)

@@ -23,7 +23,7 @@ CLAUSES = Clauses({
     "on": ("it reports accuracy, loss and KL of the model's outputs on the items", ""),  # hint: semantic
     "from": ("it runs the model on the 'on' items only", "remove the 'from' clause"),
     "top": ("it reports one row per step", "remove the 'top' clause"),
-}, fixed_shape=True)
+}, fixed_shape=True, states=True)
 SCHEMA = ("step", "accuracy", "loss", "kl_to_final")
 
 
@@ -37,11 +37,11 @@ class Evaluation:
 
 
 def complete(q: Query, bound: Bound, run: Run) -> Bound:
-    """The states ``at steps A:B every K`` names (an open end includes the final state), and the swap."""
+    """The states ``at steps A:B every K`` names (states 0..N: ``at step N`` and an open end reach the final
+    state, ``at steps 0..N every K`` ends at it when K divides N), and the swap."""
     n = run.n_steps
     st = q.steps
-    step_list = range(bound.a, bound.b + (1 if st is None or st.stop is None else 0), (st.every if st else None) or 1)
-    ev = Evaluation(tuple(s for s in step_list if s <= n))
+    ev = Evaluation(tuple(range(bound.a, bound.b, (st.every if st else None) or 1)))
     if q.swap is not None:
         swap_params = resolve_components(q, q.swap.components, run)
         if not 0 <= q.swap.from_step <= n:

@@ -20,8 +20,11 @@ EXTENSIONS = {".txt": "table", ".csv": "csv", ".json": "json", ".ndjson": "ndjso
 SUFFIX = {"table": ".txt", "csv": ".csv", "json": ".json", "ndjson": ".ndjson", "parquet": ".parquet"}
 
 def format_from_path(path: str | os.PathLike, default: str | None = None) -> str:
-    """The output format a file name asks for (its extension), else `default`."""
-    fmt = EXTENSIONS.get(Path(path).suffix.lower(), default)
+    """The output format a file name asks for (its extension), else, for a name without one, `default`.
+
+    An extension that names no format (`x.xlsx`) is refused rather than written as a text table."""
+    suffix = Path(path).suffix.lower()
+    fmt = EXTENSIONS.get(suffix, None if suffix else default)
     if fmt is None:
         raise click.UsageError(f"cannot tell the format of {str(path)!r} from its extension; "
                                f"use one of {', '.join(EXTENSIONS)}")

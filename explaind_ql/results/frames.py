@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+import torch
 
 from ..engine.kernels import Result
 from ..losses import IGNORE
 from ..plan import Plan
 from ..run import Run
 from ..semantic import Bound
+
+# a rounding term below this share of the largest change is float64 rounding of the rebuild itself
+ROUNDING_SHOWN = 1e-12
 
 def _group_keys(plan: Plan, run: Run) -> dict[str, list]:
     """Per engine group: the param / element / layer key values it stands for."""
@@ -65,8 +69,9 @@ def _rows_distinct(result: Result, plan: Plan, steps: list, groups: dict[str, li
 def influence_frame(result: Result, plan: Plan, run: Run) -> pl.DataFrame:
     b = plan.bound
     parts = [_long(result.gradient.detach().cpu().numpy(), "gradient", ("_bin", "_t", "_e", "_g"))]
-    for term, t in (("weight_decay", result.weight_decay), ("momentum", result.momentum)):
-        if not bool(t.any()):
+    for term, t in (("weight_decay", result.weight_decay), ("momentum", result.momentum),
+                    ("rounding", shown_rounding(result, run))):
+        if t is None or not bool(t.any()):
             continue  # no decay in the run, or no momentum carried into a window from a fresh optimizer
         parts.append(_long(t.detach().cpu().numpy(), term, ("_bin", "_t", "_g")).with_columns(_e=pl.lit(None, pl.Int64)))
     df = pl.concat([p.select("_bin", "_t", "_e", "_g", "term", "influence") for p in parts], how="vertical_relaxed")
@@ -93,6 +98,15 @@ def influence_frame(result: Result, plan: Plan, run: Run) -> pl.DataFrame:
     if plan.post_filter:
         return _finish(_filter_then_regroup(df, plan, run), b, run)
     return _finish(df, b, run, regroup=not _rows_distinct(result, plan, steps, groups))
+
+
+def shown_rounding(result: Result, run: Run) -> torch.Tensor | None:
+    """The ``rounding`` term a per-example frame shows: the part of the recorded updates that their
+    per-example gradients do not rebuild, when it is above float64 rounding of the change."""
+    r = result.rounding(run.split_size("train"))
+    if r is None or float(r.abs().max()) <= ROUNDING_SHOWN * max(float(result.actual.abs().max()), 1e-300):
+        return None
+    return r
 
 
 def _predicted(run: Run, b: Bound) -> pl.Expr:
@@ -150,9 +164,13 @@ def _finish(df: pl.DataFrame, b: Bound, run: Run, regroup: bool = True) -> pl.Da
     df = df.select(cols + ["term", "influence"])
     if regroup:  # unless every row has its own key already: a hash group-by costs memory
         df = df.group_by(cols + ["term"], maintain_order=True).agg(pl.col("influence").sum())
-    if b.top:
+    if b.top:  # with an example key, top k ranks the training examples; the other terms follow them, unranked
         order = pl.col("influence").abs() if b.top_abs else pl.col("influence")
-        df = df.sort(order, descending=True).head(b.top)
+        ranked, beside = (df, None) if "example" not in cols else (
+            df.filter(pl.col("example").is_not_null()), df.filter(pl.col("example").is_null()))
+        df = ranked.sort(order, descending=True).head(b.top)
+        if beside is not None:
+            df = pl.concat([df, beside])
     return df
 
 
@@ -160,7 +178,8 @@ def residual_line(stats: dict) -> str | None:
     """What the last influence result achieved, in one line: its replication residual and the rule.
 
     The residual is the exact change F(θ_b) − F(θ_a) of the targets against the sum of all their
-    terms (largest over targets, and relative to the largest change). A restricted selection
+    terms (largest over targets, and relative to the largest change), the ``rounding`` term's share
+    with it when a per-example frame has one. A restricted selection
     (some params, some training examples) has no exact change to compare with; a fixed rule
     says it is not adaptive.
     """
@@ -171,4 +190,8 @@ def residual_line(stats: dict) -> str | None:
             else f"fixed {stats.get('nodes')}-node rule, not adaptive: its error is this residual")
     unconverged = len(stats.get("unconverged_steps", []))
     tail = f", {unconverged} steps unconverged" if unconverged else ""
-    return f"replication residual {stats['residual']:.2e} ({rel:.2e} of the change; {rule}{tail})"
+    line = f"replication residual {stats['residual']:.2e} ({rel:.2e} of the change; {rule}{tail})"
+    if stats.get("rounding", 0.0) > ROUNDING_SHOWN * stats["change"]:
+        line += (f"; the 'rounding' term holds {stats['rounding'] / stats['change']:.2e} of the change, what the "
+                 "per-example gradients do not rebuild of the recorded updates (none in a float64 recording)")
+    return line

@@ -129,6 +129,17 @@ class _Target:
             return compare(self.runs, text, **params)
         return self.run.query(text, **params)
 
+    def columns(self, text: str, params: dict[str, Any]) -> list[str]:
+        """The columns ``text``'s frame will have, from its measure's schema (nothing runs)."""
+        from ..lang import parse
+        from ..measures import MEASURES, bind
+        run = self.run if self.runs is None else next(iter(self.runs.values()))
+        q = parse(text, params)
+        if q.explain:
+            return ["plan"]
+        bound = bind(q, run)
+        return (["run"] if self.runs is not None else []) + list(MEASURES[bound.measure].schema(bound, run))
+
     def echo_residual(self) -> None:
         """Under a result: the replication residual it achieved (stderr, so piped tables stay clean)."""
         from ..results.frames import residual_line
@@ -158,10 +169,22 @@ def _resolve_format(fmt: str | None, out: str | None) -> str:
     return fmt or (format_from_path(out, "table") if out else "table")
 
 
-def _plot(frame, path: str) -> None:
+def _plot(frame, path: str, title: str) -> None:
     from ..results.plots import plot
-    plot(frame, path)
+    plot(frame, path, title=title)
     click.echo(f"wrote plot {path}", err=True)
+
+
+def _plottable(target: _Target, text: str, params: dict[str, Any]) -> None:
+    """Refuse ``--plot`` for a query whose frame no plot fits, in one line and before it runs."""
+    from ..errors import ExplaindError
+    from ..results.plots import plot_kind
+    try:
+        plot_kind(target.columns(text, params))
+    except ExplaindError as exc:
+        refusal = click.ClickException(f"--plot: {exc}")
+        refusal.exit_code = 2  # a usage error, told in one line (no usage banner)
+        raise refusal from None
 
 
 # ------------------------------------------------------------------------------ click
@@ -249,6 +272,8 @@ def query_cmd(args, out, fmt, device, dtype, scheduler, params, runs, plot) -> N
         raise click.UsageError("--format parquet needs --out FILE")
     text = with_options(_checked(text, params), params, device, dtype, scheduler)
     target = _Target(run_path, expand_run_options(runs) if runs else None)
+    if plot:
+        _plottable(target, text, params)
     frame = target.query(text, params)
     if out:
         write_frame(frame, out, fmt)
@@ -257,7 +282,7 @@ def query_cmd(args, out, fmt, device, dtype, scheduler, params, runs, plot) -> N
         _echo_frame(frame, fmt)
     target.echo_residual()
     if plot:
-        _plot(frame, plot)
+        _plot(frame, plot, text)
 
 
 @main.command("run")
@@ -290,6 +315,8 @@ def run_cmd(args, out, fmt, device, dtype, scheduler, params, runs, plot) -> Non
         raise click.UsageError("--format parquet needs every query named (`... as NAME;`): "
                                "unnamed results go to stdout")
     target = _Target(run_path, expand_run_options(runs) if runs else None)
+    if plot and queries:
+        _plottable(target, with_options(queries[-1][1], params, device, dtype, scheduler), params)
     frame, printed = None, 0
     for i, (name, query, line) in enumerate(queries, 1):
         try:
@@ -308,7 +335,7 @@ def run_cmd(args, out, fmt, device, dtype, scheduler, params, runs, plot) -> Non
             click.echo(f"wrote {frame.height} rows to {dest}", err=True)
         target.echo_residual()
     if plot and frame is not None:
-        _plot(frame, plot)
+        _plot(frame, plot, queries[-1][1])
 
 
 @main.command("explain")
@@ -368,7 +395,9 @@ def repl_cmd(run_path, fmt, params, scheduler) -> None:
     Queries end with `;` and may span lines; `.help` lists the dot-commands.
     """
     from .repl import interact
-    interact(run_path, fmt=fmt, params=params, scheduler=scheduler)
+    code = interact(run_path, fmt=fmt, params=params, scheduler=scheduler)
+    if code:
+        click.get_current_context().exit(code)
 
 
 @main.command("demo")

@@ -69,6 +69,7 @@ class Repl:
         self.timer = False
         self.last = None  # the last result frame, for .save
         self.done = False
+        self.exit_code = 0  # the first failure's (the CLI's codes): what a piped session exits with
         self._lines: list[str] = []
 
     @property
@@ -102,9 +103,18 @@ class Repl:
         except KeyboardInterrupt:
             self._reopen()
             outputs.append("cancelled")
+            self._failed(130)
         except Exception as exc:  # the shell survives anything a query does
-            outputs.append(_message(exc))
+            outputs.append(self._error(exc))
         return "\n\n".join(outputs)
+
+    def _failed(self, code: int) -> None:
+        self.exit_code = self.exit_code or code
+
+    def _error(self, exc: BaseException) -> str:
+        from ..errors import ExplaindError
+        self._failed(exc.exit_code if isinstance(exc, ExplaindError) else 4)
+        return _message(exc)
 
     def _query(self, text: str) -> str:
         from ..results.frames import residual_line
@@ -134,14 +144,16 @@ class Repl:
                    ".explain": lambda: self._explain(arg), ".save": lambda: self._save(arg),
                    ".run": lambda: self._run_script(arg), ".quit": self._quit, ".exit": self._quit}.get(name)
         if handler is None:
+            self._failed(2)
             return f"unknown command {name}; .help lists the commands"
         try:
             return handler()
         except KeyboardInterrupt:
             self._reopen()
+            self._failed(130)
             return "cancelled"
         except Exception as exc:
-            return _message(exc)
+            return self._error(exc)
 
     def _info(self) -> str:
         from rich.console import Console
@@ -268,13 +280,14 @@ def history_path() -> str:
     return os.path.expanduser(os.environ.get(HISTORY_ENV) or DEFAULT_HISTORY)
 
 
-def interact(run_path, fmt: str = "table", params: dict[str, Any] | None = None, scheduler: Any = None) -> None:
-    """Run the shell on a terminal (prompt_toolkit), or over stdin's lines when piped."""
+def interact(run_path, fmt: str = "table", params: dict[str, Any] | None = None, scheduler: Any = None) -> int:
+    """Run the shell on a terminal (prompt_toolkit), or over stdin's lines when piped; the exit code: 0, or
+    for a piped session the first error's (2 syntax, 3 semantic, 4 runtime), as ``explaind-ql query`` would."""
     from .. import open as open_run
     repl = Repl(open_run(run_path), fmt, params, scheduler)
     if not sys.stdin.isatty():
         _batch(repl)
-        return
+        return repl.exit_code
     session = _session(repl)
     print(f"{repl.run!r}\nqueries end with ';' · .help for commands · Ctrl-D to quit")
     while not repl.done:
@@ -290,6 +303,7 @@ def interact(run_path, fmt: str = "table", params: dict[str, Any] | None = None,
             out = "cancelled"
         if out:
             print(out, flush=True)
+    return 0
 
 
 def _batch(repl: Repl) -> None:
