@@ -62,7 +62,8 @@ def _finite(frame: pl.DataFrame, run: Run) -> pl.DataFrame:
 
 def explain(run_or_path: Run | str | os.PathLike, text: str, scheduler: Any = None, trust: Trusted = None,
             **params: Any) -> str:
-    """The physical plan of a query, with each pass's decision, without running it."""
+    """The physical plan of a query, with each pass's decision, and its estimated cost from a pilot of a few of
+    its steps (the query itself is not run)."""
     run = _as_run(run_or_path, trust)
     bound, facts, plan = prepare(run, text, params, scheduler=scheduler)
     return explain_text(run, bound, facts, plan)

@@ -128,14 +128,14 @@ def of_plan(run: Run, engine: Engine, plan: Plan, facts: Facts) -> Estimate:
     finally:
         forget()
     runs = measured[1:] if warm_up is not None else measured
+    replayed = sum(st.get("replayed_steps", 0) for _, st in measured)
 
-    def compute(m: tuple[float, dict]) -> float:
-        return m[0] - m[1].get("trajectory_seconds", 0.0)
+    def compute(m: tuple[float, dict]) -> float:  # a step's own work; with replay, the walk is counted apart
+        return m[0] - (m[1].get("trajectory_seconds", 0.0) if replayed else 0.0)
     per_step = sum(map(compute, runs)) / len(runs)
     fixed = max(0.0, compute(measured[0]) - per_step) if warm_up is not None else 0.0
-    replayed = sum(st.get("replayed_steps", 0) for _, st in measured)
     per_replay = sum(st.get("trajectory_seconds", 0.0) for _, st in measured) / replayed if replayed else 0.0
-    n_replays = replays(run, a, b)
+    n_replays = replays(run, a, b)  # once: later chunks find the replayed states in the run's cache
     evaluations = sum(st.get("evaluations", 0) for _, st in runs) / len(runs)
     n = len(leaves)
     # resident growth: the warm-up's beyond a sampled step's is once per process; a step's own, the caches'
@@ -145,9 +145,9 @@ def of_plan(run: Run, engine: Engine, plan: Plan, facts: Facts) -> Estimate:
     steady_bytes = int(step_bytes + kept + engine_budget.answer(facts, plan.request).bytes)
     one_off_bytes = max(0, grown[0] - step_bytes) if warm_up is not None else 0
     shown = ", ".join(map(str, sample))
-    return Estimate(seconds=n * (fixed + per_step * steps + per_replay * n_replays), one_off=n * fixed,
+    return Estimate(seconds=fixed + n * per_step * steps + per_replay * n_replays, one_off=fixed,
                     evaluations=round(n * evaluations * steps), bytes=steady_bytes + one_off_bytes,
-                    one_off_bytes=one_off_bytes, replayed_steps=n * n_replays,
+                    one_off_bytes=one_off_bytes, replayed_steps=n_replays,
                     basis=f"pilot of step{'s' if len(sample) > 1 else ''} {shown}"
                           + (f" of the first of {n} chunks" if n > 1 else ""))
 

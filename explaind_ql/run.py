@@ -80,7 +80,8 @@ class Run:
         self.ckpt_rows = np.nonzero(keep)[0]
         self.ckpt_states = states[keep]
         self.checkpoint_every = a.get("checkpoint_every")
-        self.dense = self.checkpoint_every is None
+        # every state stored (checkpoint_every 1 too): nothing is ever replayed, so nothing is replayed to check
+        self.dense = self.checkpoint_every in (None, 1)
         self.closed = bool(a.get("closed"))
         self._steps_cache: dict[str, np.ndarray] = {}
         self.cache = RunCache()

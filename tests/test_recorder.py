@@ -156,7 +156,7 @@ def test_dense_states_are_chunked_small_and_read_back_exactly(tmp_path, monkeypa
 def test_checkpointed_store_and_replay_equal_dense(tmp_path):
     """Replay from checkpoints recreates the dense recording of the same run."""
     paths = {}
-    for mode, every in (("dense", None), ("ckpt", 3)):
+    for mode, every in (("dense", None), ("ckpt", 3), ("every", 1)):
         x, y = data()
         model = mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
@@ -174,6 +174,10 @@ def test_checkpointed_store_and_replay_equal_dense(tmp_path):
     assert e_c.traj.replayed_steps > 0
     drift = ckpt.cache.drift
     assert set(drift) == {3, 6, 9, 10} and max(d.rel_error for d in drift.values()) < 1e-12
+    # a checkpoint at every step stores every state: nothing to replay, so no replay to check either
+    every = eq.open(paths["every"])
+    e_e = Engine(every)
+    assert every.dense and sum(1 for _ in e_e.traj.walk(0, 10)) == 10 and e_e.traj.replayed_steps == 0
 
 
 def test_default_checkpointing_depends_on_size():

@@ -547,7 +547,7 @@ class _Context:
         def integrate() -> torch.Tensor:
             return self._path_integral(rec, vecs, self.req.group_of_param, self.G,
                                        lambda c, f: quadrature.beyond_rounding(f - c, f.abs()).amax(0))
-        out = self._cached(("proj", rec.s, self.req.a, self.req.group_of_param, len(vecs)), integrate)
+        out = self._cached(("proj", rec.s, self.req.a, self.req.group_of_param, len(vecs), self.req.rebuild), integrate)
         return out.reshape(len(vecs), self.G, -1)
 
     def _path_integral(self, rec: StepRecord, vecs: torch.Tensor, group_of_param: tuple[int, ...], G: int,
