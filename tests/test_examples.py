@@ -119,3 +119,14 @@ def test_the_command_line_writes_results_md(tmp_path, monkeypatch, capsys):
     assert out == tmp_path / "RESULTS.md" and "wrote" in capsys.readouterr().out
     assert "python examples/cnn/prune.py --seeds 0 --epochs 1" in text and "## Replication" not in text
     assert (tmp_path / "runs" / "seed0.zarr").exists()
+
+
+@pytest.mark.parametrize("query", ["influence on val[*] by layer", "influence on val[0..9] by example",
+                                   "check on test[0..31]", "evaluate on test[*]"])
+def test_explain_estimates_the_examples_queries_within_3x(result, query):
+    """The example run's own queries: explain analyze's estimate against what ran (time, evaluations, memory)."""
+    from test_estimate import ratios
+    run = explaind_ql.open(_store(result))
+    r = ratios(run.query(f"explain analyze {query}")["plan"].to_list())
+    for what, ratio in r.items():
+        assert ratio is None or 1 / 3 <= ratio <= 3, (what, ratio)
