@@ -14,7 +14,6 @@ tests use it.
 
 from __future__ import annotations
 
-import contextlib
 import shlex
 import tempfile
 import time
@@ -158,10 +157,8 @@ def run_demo(out: str | Path | None = None, quick: bool = False) -> Path:
     store = (root / f"grokking{'-quick' if quick else ''}{SUFFIX}").resolve()
     cfg = mode.config
     timings: list[tuple[str, float]] = []
-    pin = contextlib.ExitStack()
-    pin.enter_context(threads.pinned(DEMO_THREADS))
     t_all = time.perf_counter()
-    try:
+    with threads.pinned(DEMO_THREADS):
         say(f"explaind-ql demo ({mode.name}): a one-layer transformer learns a + b mod {cfg['p']}", "bold")
         say(f"  {cfg['n_train']} training pairs, {cfg['n_test']} test pairs, d_model {cfg['d_model']}, "
             f"{cfg['n_heads']} heads, MLP {cfg['d_mlp']}; AdamW lr {cfg['lr']:g}, weight decay "
@@ -210,8 +207,6 @@ def run_demo(out: str | Path | None = None, quick: bool = False) -> Path:
         say(f"  explaind-ql query {q} \"influence on test[0..9] {window} by layer\"")
         say("The query language is described in docs/language.md; examples/grokking/ reproduces the "
             "paper's grokking analyses.")
-    finally:
-        pin.close()
     return store
 
 

@@ -1,4 +1,4 @@
-"""What a query will cost, predicted from a pilot: its own plan run on two of its steps.
+"""What a query will cost, predicted from a pilot: its own plan run on a few of its steps.
 
 A cost model of FLOPs ranks strategies (:mod:`explaind_ql.plan.cost`) but cannot time them: the
 adaptive rule's refinement depends on how many ReLU kinks each step crosses, and the machine's
@@ -8,7 +8,7 @@ window's error allowance, and scales their mean up: time and gradient evaluation
 times the steps, the replay of a checkpointed store per replayed step,
 the chunks, and the resident growth of a step plus the answer. What the pilot computes and
 replays is forgotten afterwards, so it never makes the query itself look faster.
-``evaluate`` (no contraction) is estimated from one forward pass and one step of the walk.
+``evaluate`` (no contraction) is estimated from a timed forward pass and two timed steps of the walk.
 """
 
 from __future__ import annotations

@@ -717,9 +717,7 @@ class _Context:
         """With Request.rebuild: Δθ_recorded − Δθ_rebuilt of the selection, the step's update error noted."""
         if not self.req.rebuild:
             return None
-        t0 = time.perf_counter()
         rebuilt = reconstruct.rebuilt(self.eng, rec)
-        self.seconds["rebuild"] = self.seconds.get("rebuild", 0.0) + time.perf_counter() - t0
         self.update_errors.append(reconstruct.update_error(rec, rebuilt))
         return (rec.delta - rebuilt)[self.idx]
 
@@ -802,5 +800,5 @@ class _Context:
                           joined_items=self.joined_items,
                           unconverged_steps=list(self.qstats.unconverged))
         if self.req.rebuild:
-            self.stats.update(update_errors=self.update_errors, rebuild_seconds=self.seconds.get("rebuild", 0.0))
+            self.stats.update(update_errors=self.update_errors)
         return out

@@ -65,16 +65,21 @@ def _lark() -> Lark:
                 start=["query_text", "script"], propagate_positions=True, maybe_placeholders=True)
 
 
+def _terminals(rule_name: str) -> tuple[str, ...]:
+    """The terminals of one of the grammar's keyword-choice rules, in the grammar's order."""
+    return tuple(sym.name for rule in _lark().rules if rule.origin.name == rule_name for sym in rule.expansion)
+
+
 @lru_cache(maxsize=1)
 def measure_keywords() -> frozenset[str]:
     """The terminals of the grammar's ``measure`` rule: a new measure's keyword is added there only."""
-    return frozenset(sym.name for rule in _lark().rules if rule.origin.name == "measure" for sym in rule.expansion)
+    return frozenset(_terminals("measure"))
 
 
 @lru_cache(maxsize=1)
 def target_functions() -> tuple[str, ...]:
     """What the grammar's ``target_fn`` rule allows before ``(``, as typed."""
-    return tuple(sym.name.lower() for rule in _lark().rules if rule.origin.name == "target_fn" for sym in rule.expansion)
+    return tuple(name.lower() for name in _terminals("target_fn"))
 
 
 @lru_cache(maxsize=1)

@@ -71,8 +71,14 @@ def plot(frame, path: str | os.PathLike, title: str | None = None) -> Path:
     return path
 
 
+def _with_terms(frame):
+    """``frame`` with a ``term`` column (a frame without one holds the gradient term only)."""
+    import polars as pl
+    return frame if "term" in frame.columns else frame.with_columns(term=pl.lit("gradient"))
+
+
 def _terms(frame) -> list[str]:
-    return list(dict.fromkeys(frame["term"].to_list())) if "term" in frame.columns else ["gradient"]
+    return list(dict.fromkeys(_with_terms(frame)["term"].to_list()))
 
 
 def _beside(frame) -> str:
@@ -89,8 +95,7 @@ def _lines(fig, ax, frame) -> str:
     import polars as pl
     series = ["run", "layer"] if "run" in frame.columns else ["layer"]
     terms = _terms(frame)
-    data = (frame.with_columns(term=pl.lit("gradient")) if "term" not in frame.columns else frame)
-    data = (data.group_by([*series, "term", "step"], maintain_order=True).agg(pl.col("influence").sum())
+    data = (_with_terms(frame).group_by([*series, "term", "step"], maintain_order=True).agg(pl.col("influence").sum())
             .sort("step", maintain_order=True))
     colors = {}
     for key, part in data.group_by([*series, "term"], maintain_order=True):
@@ -131,8 +136,7 @@ def _bars(fig, ax, frame) -> str:
     import polars as pl
     series = ["run", "layer"] if "run" in frame.columns else ["layer"]
     terms = _terms(frame)
-    data = (frame.with_columns(term=pl.lit("gradient")) if "term" not in frame.columns else frame)
-    data = data.group_by([*series, "term"], maintain_order=True).agg(pl.col("influence").sum())
+    data = _with_terms(frame).group_by([*series, "term"], maintain_order=True).agg(pl.col("influence").sum())
     layers = list(dict.fromkeys(data["layer"].to_list()))
     runs = list(dict.fromkeys(data["run"].to_list())) if "run" in series else [None]
     width = 0.8 / len(runs)
