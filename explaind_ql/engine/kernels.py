@@ -55,6 +55,8 @@ JVP_MAX_TANGENTS = 16
 # The paper's model's forward-mode ReLU slopes: 16 ms for 64 one-item rows, 41 ms for 256
 CALL_BYTES = 16 << 20
 GROUP_LOOP_MAX = 64
+# a change below √ε·(1 + |F|) is rounding of F itself: residuals are relative to at least that
+CHANGE_FLOOR = float(torch.finfo(torch.float64).eps) ** 0.5
 
 
 @dataclass(frozen=True)
@@ -359,7 +361,9 @@ class _Context:
 
     # -- test side ---------------------------------------------------------------------------
     def _quad_budget(self) -> torch.Tensor | None:
-        """Per-step absolute error allowance: tolerance × |ΔF over the enclosing stored states| / steps."""
+        """Per-step absolute error allowance of each target: tolerance × its |ΔF over the enclosing stored
+        states| / steps, so that every target's residual is held relative to its own change (check's
+        relative_residual), floored like that residual for a target that barely moves."""
         req, run = self.req, self.eng.run
         if req.tolerance is None:
             return None
@@ -367,9 +371,7 @@ class _Context:
         lo = run.ckpt_at_or_before(a)
         hi = min(len(run.ckpt_states) - 1, int(torch.searchsorted(torch.as_tensor(run.ckpt_states), b)))
         f = [self._f(run.stored_state(p)[0].to(self.eng.device, self.eng.dtype)) for p in (lo, hi)]
-        # one absolute allowance for every target, from the largest change: what "relative to the
-        # total change" means for the frame (targets that barely move are not refined to noise)
-        scale = torch.maximum((f[1] - f[0]).abs().max(), 1e-9 * (1 + f[0].abs().max())).expand_as(f[0])
+        scale = torch.maximum((f[1] - f[0]).abs(), CHANGE_FLOOR * (1 + f[0].abs()))
         # below a few roundings of F the exact-change check measures noise, not quadrature error
         noise = 16 * torch.finfo(self.eng.dtype).eps * (1 + f[0].abs() + f[1].abs())
         return torch.maximum(req.tolerance * scale / max(1, b - a), noise)

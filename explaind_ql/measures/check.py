@@ -11,13 +11,12 @@ from dataclasses import replace
 import polars as pl
 import torch
 
+from ..engine.kernels import CHANGE_FLOOR
 from ..lang.ast import Query
 from ..plan import Plan, logical
 from ..run import Run
 from ..semantic import Bound, Clauses
 from .base import Computed, Measure
-
-RELATIVE_FLOOR = float(torch.finfo(torch.float64).eps) ** 0.5
 
 CLAUSES = Clauses({
     "of": ("it replicates the change of the whole model, so it uses every param", "remove the 'of' clause"),
@@ -46,7 +45,7 @@ def rebuilt(bound: Bound, run: Run) -> Plan:
 def relative_scale(actual: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     """What each item's residual is relative to: its own change, or, for an item that barely moves,
     √ε·(1 + |F(θ_a)|) (a change below that is rounding of F itself). No other item enters it."""
-    return torch.maximum(actual.abs(), RELATIVE_FLOOR * (1 + start.abs()))
+    return torch.maximum(actual.abs(), CHANGE_FLOOR * (1 + start.abs()))
 
 
 def frame(c: Computed) -> pl.DataFrame:
