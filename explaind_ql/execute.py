@@ -139,7 +139,9 @@ def analyze(run: Run, bound: Bound, facts: Facts, plan: Plan | None) -> str:
         "contract": f"{st.get('seconds', total):.3f} s, {st.get('chunks', 1)} chunk(s)",
         "test": f"{test_s:.3f} s, +{fmt(st.get('test_bytes', 0))} peak, {st.get('evaluations', 0)} gradient "
                 f"evaluations, {st.get('refined_steps', 0)} steps refined, {st.get('phi_cache_hits', 0)} cache hits"
-                + (f", {st['joined_items']} item-steps on kink-free joint lanes" if st.get("joined_items") else ""),
+                + (f", {st['joined_items']} item-steps on kink-free joint lanes" if st.get("joined_items") else "")
+                + (f", {st['prefetched_steps']} steps' first rounds in calls across steps"
+                   if st.get("prefetched_steps") else ""),
         "train": f"{max(0.0, st.get('seconds', total) - test_s - traj_s):.3f} s, "
                  f"+{fmt(st.get('train_bytes', 0))} peak",
         "trajectory": f"{traj_s:.3f} s, +{fmt(st.get('trajectory_bytes', 0))} peak, "

@@ -313,3 +313,42 @@ def test_relu_items_without_kinks_join_one_lane_and_agree_with_their_own_lanes(t
         assert r.stats["residual"] <= tol * r.stats["change"]
     assert float((joined.total() - apart.total()).abs().max()) <= 2 * tol * change
     assert rel(joined.gradient.sum((0, 2)), apart.gradient.sum((0, 2))) <= 1e-6  # every param's share
+
+
+@pytest.mark.parametrize("query", [
+    "influence on test[*] by layer, step",  # project: Δθ, decay and carry rows
+    "influence on test[*] by example",  # fold: φ from the rows' gradients
+    "influence on test[*] by example, step",  # momentum: φ per step, forward
+    "influence of layer net.0 on test[*] by step",  # a restriction: its rows carry the other params' part
+    "kernel on test[0..1] from train[0..5]",  # items kept apart: φ per lane
+    "check on test[0..1]",  # each update rebuilt: one more vector, the gap
+    "influence on test[*] by layer using quadrature 3",  # a fixed rule
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_first_rounds_batched_across_steps_agree_with_each_step_alone(toy_run, monkeypatch, query, dtype):
+    """On a smooth model every step's first-round rows (its n nodes, its ends) are evaluated in calls across
+    several steps; each step then integrates, and refines, as it would alone. The frames agree to rounding,
+    for float64 and float32 recordings alike (the engine computes in float64)."""
+    from explaind_ql.engine import kernels
+    path = toy_run("mlp", "adamw", dtype, steps=STEPS)
+    monkeypatch.setattr(kernels, "HEAVY_ROWS", 0)  # the toy's rows are light: batch its projections' rows anyway
+    steps: list[int] = []
+    rows = kernels._Context._prefetch_rows
+
+    def counted(self, part, *args):
+        steps.extend(rec.s for rec, _ in part)
+        return rows(self, part, *args)
+    monkeypatch.setattr(kernels._Context, "_prefetch_rows", counted)
+    batched = eq.open(path).query(query)
+    assert len(set(steps)) >= STEPS // 2  # most steps' first rounds were batched with others'
+    monkeypatch.setattr(kernels._Context, "_prefetch", lambda self, block, vecs=None: None)
+    alone = eq.open(path).query(query)
+    assert batched.columns == alone.columns and batched.height == alone.height
+    floats = [c for c in batched.columns if batched[c].dtype.is_float()]
+    scale = max(float(abs(alone[c].to_numpy()).max()) for c in floats)  # residual columns are rounding-sized
+    for col in batched.columns:
+        if col in floats:
+            a, b = batched[col].to_numpy(), alone[col].to_numpy()
+            assert float(abs(a - b).max()) <= 1e-10 * scale, col
+        else:
+            assert batched[col].to_list() == alone[col].to_list(), col

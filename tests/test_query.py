@@ -149,7 +149,7 @@ def test_choose_strategy_pass(run, text, strategy, costs):
 def test_chunk_under_budget_pass(run):
     text = "influence of layer emb on test[0..3] over steps 2:10 by example"
     p3, ctx = _pass_fixture(run, text, (pushdown_restrictions, aggregate_tests, choose_strategy))
-    p4 = chunk_under_budget(p3, dataclasses.replace(ctx, budget=1 << 30))
+    p4 = chunk_under_budget(p3, dataclasses.replace(ctx, budget=1 << 32))
     assert isinstance(p4.chunks, Leaf) and p4.chunks.request == p3.request
     p5 = chunk_under_budget(p3, dataclasses.replace(ctx, budget=int(p4.chunks.bytes * 0.7)))
     assert isinstance(p5.chunks, Split) and p5.chunks.axis == "segment"

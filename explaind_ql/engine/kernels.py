@@ -21,6 +21,12 @@ selected steps) terms separately from the ``gradient`` term. The per-example str
 report ``rounding``: ∫∇F·(Δθ_recorded − Δθ_rebuilt), the part of the recorded update that its
 per-example gradients do not rebuild (a float32 recording's rounding), so that their terms
 still sum to the real change. ``check`` asks for it directly (``Request.rebuild``).
+
+On the test side each step's path integral is refined on its own (quadrature.integrate). On
+smooth models the first round of several steps (each lane's nodes, the targets at each step's
+ends) is evaluated first, in batched calls across the steps (``_Context._prefetch``): on small
+models a call's cost is mostly fixed, and most smooth steps need nothing more. φ's rows are
+evaluated as gradients and kept, so φ is its rule's weighted sum of them, with no second pass.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import psutil
 import torch
@@ -45,15 +51,27 @@ from .targets import TargetSpec
 from .trajectory import StepRecord, Trajectory
 
 STRATEGIES = ("delta", "project", "fold", "momentum")
-# by then a batched call's fixed cost (ms of dispatch) is mostly amortised; past about 40 a row costs more: a
-# kink-corrected call on the paper's model took 13.6–17 ms for 1–16 rows, 21–24 for 32, 19–36 for 40 (noisy),
-# 30 for 48, 39–60 for 64
-ROWS_PER_CALL = 32
+# rows of one batched call at most. A kink-corrected call on the paper's model took 13.6–17 ms for 1–16 rows,
+# 21–24 for 32, 30 for 48, 39–60 for 64: its fixed cost is amortised by 32, but a step's rows come in fewer
+# calls with more: `by layer, step` on steps 1:4 of the paper run took 6.0–7.0 s at 32 rows, 3.2–3.8 s at 128
+ROWS_PER_CALL = 128
+# ... and of a call of rows' own gradients (each with its own params and weight gradients): tiny GPT-2's
+# `kernel`, 40 steps, took 5.4–6.6 s at 32 rows a call, 7.0–7.3 s at 128
+GRADIENT_ROWS_PER_CALL = 32
+# lanes kept apart with fewer rows each than this take their rows' gradients one by one, all lanes in one
+# call: a lane's own backward pass costs about as much as 8–10 rows' own gradients (17–24 ms against ~2 ms
+# a row; tiny GPT-2 and the paper's model)
+ROWS_APART = 8
 JVP_MAX_TANGENTS = 16
+# a projection row is evaluated from its own gradient (weight gradients and all: _Context._gradient_rows) only
+# where its activations outweigh the params this many times; below, the weight gradients dominate (tiny GPT-2:
+# a 10-sequence row is 21× its 28k params, a 1-sequence row 2×: `check` 3.8–4.2 s as projections, 6.2 s as
+# gradients)
+HEAVY_ROWS = 8
 # what one batched test-side call (Jacobians or derivatives at nodes) may hold at most: its fixed
 # cost (ms of dispatch) is amortised once rows are many or large, so more would buy memory, not speed.
 # The paper's model's forward-mode ReLU slopes: 16 ms for 64 one-item rows, 41 ms for 256
-CALL_BYTES = 16 << 20
+CALL_BYTES = 256 << 20
 GROUP_LOOP_MAX = 64
 # a change below √ε·(1 + |F|) is rounding of F itself: residuals are relative to at least that
 CHANGE_FLOOR = float(torch.finfo(torch.float64).eps) ** 0.5
@@ -297,6 +315,44 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+Row = tuple[float, int]  # (node t, lane)
+
+
+@dataclass(frozen=True)
+class ProjectVecs:
+    """A step's vectors for the project strategy (Δθ, decay, then carry and gap where present)."""
+
+    vecs: torch.Tensor
+    carry: bool
+    gap: bool
+
+
+@dataclass
+class Memo:
+    """One step's first-round rows, evaluated beside other steps' rows in batched calls
+    (:meth:`_Context._prefetch`): the integrand's row values, the targets' exact values at the
+    step's ends, and (for φ) each row's gradient, all keyed by (t, lane)."""
+
+    values: dict[Row, torch.Tensor] = field(default_factory=dict)
+    ends: dict[Row, torch.Tensor] = field(default_factory=dict)
+    grads: dict[Row, torch.Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def rows(table: dict[Row, torch.Tensor], ts: torch.Tensor, lanes: torch.Tensor) -> torch.Tensor | None:
+        """The rows asked for, stacked, when ``table`` holds every one of them."""
+        keys = list(zip(ts.tolist(), lanes.tolist()))
+        if not keys or any(k not in table for k in keys):
+            return None
+        return torch.stack([table[k] for k in keys])
+
+    def serve(self, table: dict[Row, torch.Tensor], compute: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """``compute(ts, lanes, *extra)``, answered from ``table`` where it holds every row asked for."""
+        def look(ts: torch.Tensor, lanes: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+            known = None if extra else self.rows(table, ts, lanes)
+            return compute(ts, lanes, *extra) if known is None else known
+        return look
+
+
 class _Context:
     """State of one request's execution (kept off the Engine so requests never share it)."""
 
@@ -352,12 +408,15 @@ class _Context:
         self.step_explained = torch.zeros(n_steps, T, dtype=dt, device=dev)
         self.qstats = quadrature.QuadStats()
         self.joined_items = 0  # item-steps integrated on a kink-free lane of several items (_lane_sets)
+        self.prefetched = 0  # steps whose first round was evaluated in calls with other steps' (_prefetch)
         self.stats: dict = {}
         self.response_out: dict = {}  # Request.carry_response: the Result's response fields
         self.seconds = {"test": 0.0, "trajectory": 0.0}
         self.grown = {"test": 0, "trajectory": 0, "train": 0}  # largest resident growth in one unit of work
         self.bar = progress.Task()
         self.budget = self._quad_budget()
+        # (kind, step) → the first-round rows of that step's integration, evaluated with other steps' (_prefetch)
+        self.memo: dict[tuple[str, int], Memo] = {}
 
     # -- test side ---------------------------------------------------------------------------
     def _quad_budget(self) -> torch.Tensor | None:
@@ -392,10 +451,13 @@ class _Context:
             yield rec
             self.bar.advance()
 
+    def _key(self, key: tuple) -> tuple:
+        return key + (self.req.target, self.req.params, self.req.nodes, self.req.tolerance, self.req.rule,
+                      str(self.eng.device), self.eng.dtype)
+
     def _cached(self, key: tuple, compute) -> torch.Tensor:
         """A test-side tensor of one step, cached per open run (queries in a session share them)."""
-        key = key + (self.req.target, self.req.params, self.req.nodes, self.req.tolerance, self.req.rule,
-                     str(self.eng.device), self.eng.dtype)
+        key = self._key(key)
         cache = self.eng.run.cache.phi
         if key in cache:
             self.stats["phi_cache_hits"] = self.stats.get("phi_cache_hits", 0) + 1
@@ -438,17 +500,19 @@ class _Context:
         return [(smooth, share)] + ([(lanes.subset(kinked), 1 - share)] if bool(kinked.any()) else [])
 
     def _integrate(self, rec: StepRecord, path: Path, at_rows, along, spread, error, row_bytes, cat_dim: int,
-                   finish=None) -> torch.Tensor:
+                   finish=None, memo: Memo | None = None, values=None) -> torch.Tensor:
         """Quadrature along the step of ``at_rows(target, ts, x, y, jumps=None)``: one row per (node t, lane).
 
         ``row_bytes(lanes)`` is what one derivative row of those lanes holds. With ``finish(lanes, rows)``
         each lane set's result is what it makes of the rows of the rule found (lanes summed already).
+        ``memo`` holds rows of the request's own lanes evaluated already (:meth:`_prefetch`); ``values(ts,
+        lanes)``, where given, evaluates those lanes' plain rows instead of ``at_rows``.
         """
         out = 0
         for lanes, share in self._lane_sets(path):
             part = self._integrate_lanes(rec, lanes, path, partial(at_rows, lanes.target), along, spread, error,
                                          row_bytes(lanes), cat_dim, None if self.budget is None else self.budget * share,
-                                         finish is not None)
+                                         finish is not None, *((memo, values) if lanes is self.lanes else ()))
             if finish is not None:
                 out = out + finish(lanes, part[1])
             else:
@@ -456,7 +520,8 @@ class _Context:
         return out  # Σ_x ∫∇F_x
 
     def _integrate_lanes(self, rec: StepRecord, lanes: Lanes, path: Path, at_rows, along, spread, error,
-                         row_bytes: float, cat_dim: int, budget: torch.Tensor | None, keep_rows: bool = False):
+                         row_bytes: float, cat_dim: int, budget: torch.Tensor | None, keep_rows: bool = False,
+                         memo: Memo | None = None, values=None):
         fn = self.eng.fn
         # bounded memory per call: derivative rows as estimated (twice that with the kink jumps'
         # forward-mode pass), forward-only rows 2.5 of the largest activations each at their live peak
@@ -477,7 +542,10 @@ class _Context:
         per_jumped = max(1, min(ROWS_PER_CALL, int(self.req.call_bytes // max(1.0, 2 * row_bytes))))
         jumped = (partial(rows, per_jumped, lambda t, x, y, *jumps: at_rows(t, x, y, jumps))
                   if kinked else None)
-        integrand = quadrature.Integrand(partial(rows, per_call, at_rows), along, error, lanes.count, cat_dim,
+        values = values or partial(rows, per_call, at_rows)
+        if memo is not None:
+            values, f_at = memo.serve(memo.values, values), memo.serve(memo.ends, f_at)
+        integrand = quadrature.Integrand(values, along, error, lanes.count, cat_dim,
                                          f_at, slopes, spread, jumped, lanes.segments, lanes.live)
         return quadrature.integrate(integrand, self.req.nodes, budget, rec.s, self.qstats, self.eng.dtype,
                                     self.eng.device, self.req.rule, pooled=lanes.summed, rows=keep_rows)
@@ -515,30 +583,92 @@ class _Context:
             return sel if rest is None else torch.maximum(
                 sel, quadrature.beyond_rounding((f - c).sum(0), f.abs().sum(0)))
 
-        def gradient(path: Path, lanes: Lanes, rows: quadrature.Rows) -> torch.Tensor:
-            return self._gradient(path, lanes, rows, rest)
-
         def integrate() -> torch.Tensor:
-            out = self._path_integral(rec, rec.delta[self.idx][None], tuple(range(n)), n, error, gradient)
+            memo = self.memo.pop(("phi", rec.s), None) or Memo()
+            out = self._path_integral(rec, rec.delta[self.idx][None], tuple(range(n)), n, error,
+                                      lambda path, lanes, rows: self._gradient(path, lanes, rows, rest, memo), memo,
+                                      rest is None and self._keeps_gradients())
             return out if rest is None else out[:, :-1].contiguous()
-        return self._cached(("phi", rec.s), integrate)
+        return self._cached(self._phi_key(rec), integrate)
 
-    def _gradient(self, path: Path, lanes: Lanes, rows: quadrature.Rows, rest: torch.Tensor | None) -> torch.Tensor:
+    def _phi_key(self, rec: StepRecord) -> tuple:
+        return ("phi", rec.s)
+
+    def _proj_key(self, rec: StepRecord, vecs: torch.Tensor) -> tuple:
+        return ("proj", rec.s, self.req.a, self.req.group_of_param, len(vecs), self.req.rebuild)
+
+    def _gradient(self, path: Path, lanes: Lanes, rows: quadrature.Rows, rest: torch.Tensor | None,
+                  memo: Memo | None = None) -> torch.Tensor:
         """(T, P_sel[+1]) the lanes' share of φ from their rule's rows: lanes summed into their targets,
-        or kept lane after lane; rows in calls bounded by the request's call bytes."""
+        or kept lane after lane; rows in calls bounded by the request's call bytes. Rows whose gradients
+        were evaluated already (``memo``), and the rows of lanes kept apart with few rows each, are
+        weighted row by row instead."""
         fn = self.eng.fn
+        jumps = rows.jumps or ()
+        everything = torch.arange(len(rows.ts), device=rows.ts.device)
+        one = lanes.summed or lanes.count == 1
+        each = None
+        if rest is None and memo is not None and not jumps:
+            each = Memo.rows(memo.grads, rows.ts, rows.lanes)
+            each = None if each is None else each * rows.weights[:, None, None]
+        if each is None and rest is None and not one and len(rows.ts) < ROWS_APART * lanes.count:
+            each = self._row_gradients(path, lanes, rows)
+        if each is not None:  # (m, C, P_sel), weighted: summed, or added into each row's lane
+            return each.sum(0) if one else each.new_zeros(lanes.count, *each.shape[1:]).index_add_(
+                0, rows.lanes, each).flatten(0, 1)
         row_bytes = fn.itemsize * (3 * lanes.targets_per_lane(self.T) + 1) * self._activations(lanes)[0]
         per = max(1, int(self.req.call_bytes // max(1.0, row_bytes)))
-        jumps = rows.jumps or ()
 
         def of(pick: torch.Tensor) -> torch.Tensor:
             return sum(path.gradient(self.sel, lanes.target, rows.ts[k], rows.weights[k], lanes.xs(rows.lanes[k]),
                                      lanes.y[rows.lanes[k]], tuple(j[k] for j in jumps) or None, rest)
                        for k in pick.split(per))
-        everything = torch.arange(len(rows.ts), device=rows.ts.device)
-        if lanes.summed or lanes.count == 1:
+        if one:
             return of(everything)
         return torch.cat([of(everything[rows.lanes == lane]) for lane in range(lanes.count)])
+
+    def _row_gradients(self, path: Path, lanes: Lanes, rows: quadrature.Rows) -> torch.Tensor:
+        """(m, C, P_sel) each row's weighted gradient (its kink jumps with it), rows of every lane in calls
+        together: for lanes kept apart with fewer rows each than a lane's own backward pass is worth."""
+        jumps = rows.jumps or ()
+        per = self._gradient_rows_per_call(lanes)
+        return torch.cat([path.row_gradients(self.sel, lanes.target, rows.ts[k], rows.weights[k], lanes.xs(rows.lanes[k]),
+                                             lanes.y[rows.lanes[k]], tuple(j[k] for j in jumps) or None)
+                          for k in torch.arange(len(rows.ts), device=rows.ts.device).split(per)])
+
+    def _gradient_rows(self, sel: ParamSpace, groups: Groups, theta: torch.Tensor, delta: torch.Tensor,
+                       ts: torch.Tensor, ln: torch.Tensor, vecs: torch.Tensor, kept: list[Memo] | None) -> torch.Tensor:
+        """(m, V·G, C) an integrand's rows along each row's vectors ``vecs[j]`` (V, P_sel) on each group, from
+        each row's own gradient over ``sel`` at θ_j + t_jΔθ_j (``theta``, ``delta``: (m, P), rows of one step
+        or of several). With ``kept`` (a Memo per row) each gradient is kept there by (t, lane): φ is its
+        rule's weighted sum of them (:meth:`_gradient`), so no row is evaluated twice."""
+        lanes, fn = self.lanes, self.eng.fn
+        idx = self.eng.run.space.element_index(sel).to(ts.device)
+        out = []
+        for k in torch.arange(len(ts), device=ts.device).split(self._gradient_rows_per_call()):
+            points = theta[k] + ts[k, None] * delta[k]
+            g = fn.lane_jacobian(sel, lanes.target, points[:, idx], points, lanes.xs(ln[k]), lanes.y[ln[k]])
+            shares = torch.stack([g.new_zeros(*g.shape[:2], groups.G).index_add_(2, groups.gidx, g * vecs[k, v][:, None])
+                                  for v in range(vecs.shape[1])], 1)  # (m, V, C, G)
+            out.append(shares.transpose(2, 3).flatten(1, 2))  # as the step's own rows are laid out
+            if kept is not None:
+                for r, key in zip(k.tolist(), zip(ts[k].tolist(), ln[k].tolist())):
+                    kept[r].grads[key] = g[r - int(k[0])]
+        return torch.cat(out)
+
+    def _keeps_gradients(self) -> bool:
+        """Whether φ's rows are evaluated as gradients and kept (:meth:`_gradient_rows`): on smooth models,
+        where a step's rows are few, while 64 rows' gradients fit one call."""
+        C = self.lanes.targets_per_lane(self.T)
+        return not self.kinked and 64 * C * self.sel.size * self.eng.fn.itemsize <= self.req.call_bytes
+
+    def _gradient_rows_per_call(self, lanes: Lanes | None = None) -> int:
+        """How many rows' own gradients one call holds: each row its forward pass, its reverse pass per
+        target, its own params and its gradient."""
+        lanes = lanes or self.lanes
+        C, (every, largest) = lanes.targets_per_lane(self.T), self._activations(lanes)
+        row = self.eng.fn.itemsize * (every + 2 * C * largest + C * self.eng.run.space.size + self.eng.run.space.size)
+        return max(1, min(GRADIENT_ROWS_PER_CALL, int(self.req.call_bytes // row)))
 
     def projections(self, rec: StepRecord, vecs: torch.Tensor) -> torch.Tensor:
         """(V, G, T): φ_s · (each vector of ``vecs`` restricted to each group), without φ.
@@ -548,12 +678,13 @@ class _Context:
         """
         def integrate() -> torch.Tensor:
             return self._path_integral(rec, vecs, self.req.group_of_param, self.G,
-                                       lambda c, f: quadrature.beyond_rounding(f - c, f.abs()).amax(0))
-        out = self._cached(("proj", rec.s, self.req.a, self.req.group_of_param, len(vecs), self.req.rebuild), integrate)
+                                       lambda c, f: quadrature.beyond_rounding(f - c, f.abs()).amax(0),
+                                       memo=self.memo.pop(("proj", rec.s), None))
+        out = self._cached(self._proj_key(rec, vecs), integrate)
         return out.reshape(len(vecs), self.G, -1)
 
     def _path_integral(self, rec: StepRecord, vecs: torch.Tensor, group_of_param: tuple[int, ...], G: int,
-                       error, finish=None) -> torch.Tensor:
+                       error, finish=None, memo: Memo | None = None, gradients: bool = False) -> torch.Tensor:
         """(V·G, T) ∫ ∇F · (each of ``vecs`` on each group) along the step, or with ``finish(path, lanes, rows)``
         what it makes of each lane set's rule instead (the rows' gradients: :meth:`phi`).
 
@@ -561,27 +692,117 @@ class _Context:
         derivatives in them are taken by reverse or forward mode, whichever needs fewer passes.
         """
         fn, V = self.eng.fn, len(vecs)
-
-        # a row keeps its forward pass, and about two of the largest intermediates per target (reverse
-        # mode) or ten per direction (forward mode): the live peak torch.profiler measures. Rows get
-        # their own moved params when those are no larger than that
-        def row(lanes: Lanes) -> int:
-            every, largest = self._activations(lanes)
-            C = lanes.targets_per_lane(self.T)
-            return every + (2 * C if C <= V * G else 10 * V * G) * largest
-        moved_rows = self.eng.run.space.size <= row(self.lanes)
+        moved_rows = self._moved_rows(V * G)
 
         def row_bytes(lanes: Lanes) -> float:
-            return fn.itemsize * (row(lanes) + moved_rows * self.eng.run.space.size)
+            return self._row_bytes(lanes, V * G, moved_rows)
 
         sel, groups, H, vecs = self._grouped(rec, vecs, group_of_param, G)
         path = fn.path(rec.theta, rec.delta, sel, vecs, groups, moved_rows)
         C = self.lanes.targets_per_lane(self.T)
+
+        def from_gradients(ts: torch.Tensor, ln: torch.Tensor) -> torch.Tensor:
+            m = len(ts)
+            return self._gradient_rows(sel, groups, rec.theta.expand(m, -1), rec.delta.expand(m, -1), ts, ln,
+                                       vecs.expand(m, *vecs.shape), [memo] * m)
         out = self._integrate(
             rec, path, lambda target, ts, x, y, jumps=None: path.projections(target, ts, x, y, C, jumps).flatten(1, 2),
             lambda est: est[:H].sum(0), lambda est: est.abs().sum(0), error, row_bytes, 1,
-            None if finish is None else partial(finish, path))
+            None if finish is None else partial(finish, path), memo, from_gradients if gradients else None)
         return out if finish is not None else out.reshape(V, H, -1)[:, :G].flatten(0, 1)
+
+    def _row_elements(self, lanes: Lanes, directions: int) -> int:
+        """What one derivative row of ``lanes`` keeps along ``directions`` (vectors × groups): its forward
+        pass, and about two of the largest intermediates per target (reverse mode) or ten per direction
+        (forward mode), the live peak torch.profiler measures."""
+        every, largest = self._activations(lanes)
+        C = lanes.targets_per_lane(self.T)
+        return every + (2 * C if C <= directions else 10 * directions) * largest
+
+    def _moved_rows(self, directions: int) -> bool:
+        """Whether rows get their own moved params: when those are no larger than what a row keeps."""
+        return self.eng.run.space.size <= self._row_elements(self.lanes, directions)
+
+    def _row_bytes(self, lanes: Lanes, directions: int, moved_rows: bool) -> float:
+        return self.eng.fn.itemsize * (self._row_elements(lanes, directions) + moved_rows * self.eng.run.space.size)
+
+    # -- test side, several steps at once -----------------------------------------------------
+    def _blocks(self, recs: Iterable[StepRecord]) -> Iterator[list[StepRecord]]:
+        """The records in blocks of as many steps as one batched call holds the first-round rows of
+        (:meth:`_prefetch`, each row with its own params); one at a time on kinked models, whose steps
+        are each located and cut."""
+        size = 1 if self.kinked else max(1, self._gradient_rows_per_call() // (self.lanes.count * self.req.nodes))
+        block: list[StepRecord] = []
+        for rec in recs:
+            block.append(rec)
+            if len(block) == size:
+                yield block
+                block = []
+        if block:
+            yield block
+
+    def _prefetch(self, block: list[StepRecord], vecs: list[torch.Tensor] | None = None) -> None:
+        """The first-round rows of every step of ``block`` (each lane's n nodes over the whole step, and
+        its targets' exact values at the step's ends), evaluated in calls across the steps and kept in
+        :attr:`memo` for each step's own integration, which refines from there as before.
+
+        On a small model a call costs about as much for 1 row as for 32 (dispatch), and a smooth step
+        mostly needs only its first round, so this takes a call for several steps instead of two a step.
+        ``vecs``: each step's vectors for :meth:`projections`; without, :meth:`phi`'s rows: each row's
+        gradient, from which both its rule's rows and φ are contracted.
+        """
+        if len(block) < 2 or self.kinked or (vecs is None and (self._rest() or not self._keeps_gradients())):
+            return
+        if vecs is not None and self._activations(self.lanes)[0] < HEAVY_ROWS * self.eng.run.space.size:
+            return  # light rows: their own gradients cost more than their projections (no weight gradients)
+        t0, rss0 = time.perf_counter(), _rss()
+        n_phi, cache = len(self.req.params), self.eng.run.cache.phi
+        todo = []  # (record, its vectors over the integrand's params); the params and Groups are every step's
+        for i, rec in enumerate(block):
+            if vecs is None and self._key(self._phi_key(rec)) not in cache:
+                sel, groups, _, v = self._grouped(rec, rec.delta[self.idx][None], tuple(range(n_phi)), n_phi)
+                todo.append((rec, v))
+            elif vecs is not None and self._key(self._proj_key(rec, vecs[i])) not in cache:
+                sel, groups, _, v = self._grouped(rec, vecs[i], self.req.group_of_param, self.G)
+                todo.append((rec, v))
+        if len(todo) < 2:
+            return
+        for shape in dict.fromkeys(tuple(v.shape) for _, v in todo):  # steps whose vectors stack
+            part = [(rec, v) for rec, v in todo if tuple(v.shape) == shape]
+            memos = [self.memo.setdefault(("phi" if vecs is None else "proj", rec.s), Memo()) for rec, _ in part]
+            self.prefetched += len(part)
+            self._prefetch_rows(part, memos, sel, groups, vecs is None)
+        self.seconds["test"] += time.perf_counter() - t0
+        self.grown["test"] = max(self.grown["test"], _rss() - rss0)
+
+    def _prefetch_rows(self, part: list[tuple[StepRecord, torch.Tensor]], memos: list[Memo], sel: ParamSpace,
+                       groups: Groups, phi: bool) -> None:
+        """:meth:`_prefetch` for steps whose vectors have one shape: each row from its own gradient at its
+        step's θ_s + tΔθ_s (:meth:`_gradient_rows`; for :meth:`phi` the gradients are kept too), and the
+        targets at each step's ends."""
+        lanes, fn, dev, dt = self.lanes, self.eng.fn, self.eng.device, self.eng.dtype
+        L = lanes.count
+        theta, delta = torch.stack([rec.theta for rec, _ in part]), torch.stack([rec.delta for rec, _ in part])
+        vv = torch.stack([v for _, v in part])  # (steps, V, P_sel)
+        first = quadrature.plain_rows([(0.0, 1.0, lane) for lane in range(L)], self.req.nodes, dt, dev,
+                                      self.req.rule if self.budget is None else "gauss")
+        tables = [("values", first.ts, first.lanes)]
+        if self.budget is not None:  # the exact change: the targets at each step's ends
+            tables.append(("ends", torch.tensor([0.0, 1.0], dtype=dt, device=dev).repeat(L),
+                           torch.arange(L, device=dev).repeat_interleave(2)))
+        for table, ts1, ln1 in tables:
+            step = torch.arange(len(part), device=dev).repeat_interleave(len(ts1))
+            ts, ln = ts1.repeat(len(part)), ln1.repeat(len(part))
+            if table == "values":
+                out = self._gradient_rows(sel, groups, theta[step], delta[step], ts, ln, vv[step],
+                                          [memos[j] for j in step.tolist()] if phi else None)
+            else:
+                points = theta[step] + ts[:, None] * delta[step]
+                per = max(1, int(self.req.call_bytes // (4 * fn.itemsize * max(1, self._activations(lanes)[1]))))
+                out = torch.cat([fn.values_at(lanes.target, points[k], lanes.xs(ln[k]), lanes.y[ln[k]])
+                                 for k in torch.arange(len(ts), device=dev).split(per)])
+            for r, key in enumerate(zip(ts.tolist(), ln.tolist())):
+                getattr(memos[int(step[r])], table)[key] = out[r]
 
     def _grouped(self, rec: StepRecord, vecs: torch.Tensor, group_of_param: tuple[int, ...],
                  G: int) -> tuple[ParamSpace, Groups, int, torch.Tensor]:
@@ -638,79 +859,96 @@ class _Context:
     def run_forward(self, per_example: bool, project: bool = False) -> None:
         req, idx = self.req, self.idx
         m_wd = m_carry = m_ex = None
-        ex_cols = None
+        ex_cols = slot = None
         if per_example:
             tracked = self.chosen
             slot = torch.full_like(self.col, -1)
             slot[tracked] = torch.arange(len(tracked), device=self.eng.device)
             ex_cols = self.col[tracked]
             m_ex = torch.zeros(len(tracked), self.sel.size, dtype=self.eng.dtype, device=self.eng.device)
-        for k, rec in enumerate(self.walk(req.a, req.b)):
-            ls = rec.linear.take(idx)
-            th = rec.theta[idx]
-            if m_wd is None:
-                m_wd = torch.zeros_like(th)
-                m_carry = rec.state_before.momentum.to(self.eng.device, self.eng.dtype)[idx].clone()
-                if req.carry_response:  # the momentum entering the chunk is applied by the caller
-                    self.response_out = {"momentum_in": m_carry, "transfer": torch.ones_like(th),
-                                         "response": th.new_zeros(req.n_bins, self.T, self.sel.size)}
-                    m_carry = torch.zeros_like(th)
-            decay_drive = ls.lam_c * th
-            m_wd = ls.a * m_wd + ls.b * decay_drive
-            m_carry = ls.a * m_carry
-            decay = ls.out_coef() * m_wd + ls.direct_coef() * decay_drive - ls.eta * ls.lam_d * th
-            carry = ls.out_coef() * m_carry
-            bn = int(self.bin[k])
-            if project:
-                self._project_step(k, bn, rec, decay, carry)
-                continue
-            phi = self.phi(rec)
-            self.check_step(k, rec, phi @ rec.delta[idx])
-            if self.along is not None:
-                self.along[bn] += self.contract(phi, rec.delta[idx])
-            if req.carry_response:
-                resp = self.response_out
-                resp["transfer"] = ls.a * resp["transfer"]
-                resp["response"][bn] += phi * (ls.out_coef() * resp["transfer"])
-            self.wd[bn] += self.contract(phi, decay)
-            self.mom[bn] += self.contract(phi, carry)
-            if not per_example:
-                rest = rec.delta[idx] - decay - carry
-                gap = self._gap(rec)
-                if gap is not None:
-                    self.gap[bn] += self.contract(phi, gap)
-                    rest = rest - gap
-                self.grad[bn, :, 0] += self.contract(phi, rest)
-                continue
-            ex, _, pos = self.batch_examples(rec)
-            m_ex *= ls.a
-            x_now = torch.zeros(0)
-            if len(ex):
-                g = self.pegrads(rec, pos)
-                m_ex.index_add_(0, slot[ex], ls.b * g)
-                x_now = ls.out_coef() * m_ex
-                x_now.index_add_(0, slot[ex], ls.direct_coef() * g)
-            else:
-                x_now = ls.out_coef() * m_ex
-            contrib = self.contract(phi, x_now)  # (T, E_tracked, G)
-            self.grad[bn].index_add_(1, ex_cols, contrib)
+        k = -1
+        for block in self._blocks(self.walk(req.a, req.b)):
+            steps = []  # (k, record, its linear step, decay and carried momentum, its projections' vectors)
+            for rec in block:
+                k += 1
+                ls = rec.linear.take(idx)
+                th = rec.theta[idx]
+                if m_wd is None:
+                    m_wd = torch.zeros_like(th)
+                    m_carry = rec.state_before.momentum.to(self.eng.device, self.eng.dtype)[idx].clone()
+                    if req.carry_response:  # the momentum entering the chunk is applied by the caller
+                        self.response_out = {"momentum_in": m_carry, "transfer": torch.ones_like(th),
+                                             "response": th.new_zeros(req.n_bins, self.T, self.sel.size)}
+                        m_carry = torch.zeros_like(th)
+                decay_drive = ls.lam_c * th
+                m_wd = ls.a * m_wd + ls.b * decay_drive
+                m_carry = ls.a * m_carry
+                decay = ls.out_coef() * m_wd + ls.direct_coef() * decay_drive - ls.eta * ls.lam_d * th
+                carry = ls.out_coef() * m_carry
+                steps.append((k, rec, ls, decay, carry, self._project_vecs(rec, decay, carry) if project else None))
+            self._prefetch(block, [pv.vecs for *_, pv in steps] if project else None)
+            for k, rec, ls, decay, carry, pv in steps:
+                self._forward_step(k, rec, ls, decay, carry, pv, per_example, slot, ex_cols, m_ex)
         if req.carry_response:
             self.response_out.update(decay_momentum=m_wd, example_momentum=m_ex)
 
-    def _project_step(self, k: int, bn: int, rec: StepRecord, decay: torch.Tensor, carry: torch.Tensor) -> None:
-        """One step of the project strategy: the terms straight from the projections."""
+    def _forward_step(self, k: int, rec: StepRecord, ls: LinearStep, decay: torch.Tensor, carry: torch.Tensor,
+                      pv: ProjectVecs | None, per_example: bool, slot, ex_cols, m_ex) -> None:
+        """One step's terms of a forward strategy: from its projections (``pv``), or from its φ."""
+        req, idx = self.req, self.idx
+        bn = int(self.bin[k])
+        if pv is not None:
+            self._project_step(k, bn, rec, pv)
+            return
+        phi = self.phi(rec)
+        self.check_step(k, rec, phi @ rec.delta[idx])
+        if self.along is not None:
+            self.along[bn] += self.contract(phi, rec.delta[idx])
+        if req.carry_response:
+            resp = self.response_out
+            resp["transfer"] = ls.a * resp["transfer"]
+            resp["response"][bn] += phi * (ls.out_coef() * resp["transfer"])
+        self.wd[bn] += self.contract(phi, decay)
+        self.mom[bn] += self.contract(phi, carry)
+        if not per_example:
+            rest = rec.delta[idx] - decay - carry
+            gap = self._gap(rec)
+            if gap is not None:
+                self.gap[bn] += self.contract(phi, gap)
+                rest = rest - gap
+            self.grad[bn, :, 0] += self.contract(phi, rest)
+            return
+        ex, _, pos = self.batch_examples(rec)
+        m_ex *= ls.a
+        x_now = torch.zeros(0)
+        if len(ex):
+            g = self.pegrads(rec, pos)
+            m_ex.index_add_(0, slot[ex], ls.b * g)
+            x_now = ls.out_coef() * m_ex
+            x_now.index_add_(0, slot[ex], ls.direct_coef() * g)
+        else:
+            x_now = ls.out_coef() * m_ex
+        contrib = self.contract(phi, x_now)  # (T, E_tracked, G)
+        self.grad[bn].index_add_(1, ex_cols, contrib)
+
+    def _project_vecs(self, rec: StepRecord, decay: torch.Tensor, carry: torch.Tensor) -> ProjectVecs:
+        """A step's vectors for the project strategy: Δθ, its decay, its carried momentum (where any) and
+        its rebuild's gap (with Request.rebuild, noted once per step)."""
         has_carry = bool(carry.any())
         gap = self._gap(rec)
-        vecs = torch.stack([rec.delta[self.idx], decay] + ([carry] if has_carry else [])
-                           + ([gap] if gap is not None else []))
-        proj = self.projections(rec, vecs).transpose(1, 2)  # (V, T, G)
+        vecs = torch.stack([rec.delta[self.idx], decay] + ([carry] if has_carry else []) + ([gap] if gap is not None else []))
+        return ProjectVecs(vecs, has_carry, gap is not None)
+
+    def _project_step(self, k: int, bn: int, rec: StepRecord, pv: ProjectVecs) -> None:
+        """One step of the project strategy: the terms straight from the projections."""
+        proj = self.projections(rec, pv.vecs).transpose(1, 2)  # (V, T, G)
         self.check_step(k, rec, proj[0].sum(1))
         self.wd[bn] += proj[1]
         rest = proj[0] - proj[1]
-        if has_carry:
+        if pv.carry:
             self.mom[bn] += proj[2]
             rest = rest - proj[2]
-        if gap is not None:
+        if pv.gap:
             self.gap[bn] += proj[-1]
             rest = rest - proj[-1]
         self.grad[bn, :, 0] += rest
@@ -737,15 +975,17 @@ class _Context:
         for lo in reversed(starts):
             hi = min(lo + seg, req.b)
             records = []
-            for rec in self.walk(lo, hi):
-                if rec.s == req.a:
-                    m0 = rec.state_before.momentum.to(self.eng.device, self.eng.dtype)[self.idx]
-                phi = self.phi(rec)
-                self.check_step(rec.s - req.a, rec, phi @ rec.delta[self.idx])
-                if self.along is not None:
-                    self.along[0] += self.contract(phi, rec.delta[self.idx])
-                rec.state_before = None
-                records.append((rec, rec.linear.take(self.idx), phi))
+            for block in self._blocks(self.walk(lo, hi)):
+                self._prefetch(block)
+                for rec in block:
+                    if rec.s == req.a:
+                        m0 = rec.state_before.momentum.to(self.eng.device, self.eng.dtype)[self.idx]
+                    phi = self.phi(rec)
+                    self.check_step(rec.s - req.a, rec, phi @ rec.delta[self.idx])
+                    if self.along is not None:
+                        self.along[0] += self.contract(phi, rec.delta[self.idx])
+                    rec.state_before = None
+                    records.append((rec, rec.linear.take(self.idx), phi))
             for rec, ls, phi in reversed(records):
                 q, a_next = self._fold_step(rec, ls, phi, q, a_next)
         if q is not None:
@@ -799,7 +1039,7 @@ class _Context:
                           train_bytes=self.grown["train"],
                           evaluations=self.qstats.evaluations, refined_steps=self.qstats.refined_steps,
                           kinks=self.qstats.kinks, corrected_lanes=self.qstats.corrected_lanes,
-                          joined_items=self.joined_items,
+                          joined_items=self.joined_items, prefetched_steps=self.prefetched,
                           unconverged_steps=list(self.qstats.unconverged))
         if self.req.rebuild:
             self.stats.update(update_errors=self.update_errors)

@@ -386,6 +386,11 @@ class ModelFn:
             return _with_jumps(lambda: f(th, pt, xi, yi), row)
         return vmap(torch.func.jacrev(jumped))(theta_sel, points, x, y, *jumps)
 
+    def values_at(self, target: Callable, points: torch.Tensor, x: Inputs, y: torch.Tensor) -> torch.Tensor:
+        """(m, C) each row's lane targets at its own params ``points[j]`` (no derivative): rows of several steps."""
+        with torch.no_grad():
+            return vmap(lambda p, xi, yi: target(self._call(p, None, None, xi), yi))(points, x, y)
+
     def path(self, theta: torch.Tensor, delta: torch.Tensor, sel: ParamSpace | None = None,
              vecs: torch.Tensor | None = None, groups: Groups | None = None, moved_rows: bool = False) -> Path:
         return Path(self, theta, delta, sel, vecs, groups, moved_rows)
@@ -455,6 +460,15 @@ class Path:
             return vmap(row)(ts, x, y, weights, *(jumps or ())).sum(0)
         j_sel, j_rest = jacrev(total, argnums=(0, 1))(self.theta[idx], self.theta.new_zeros(()))
         return j_sel if rest is None else torch.cat([j_sel, j_rest[:, None]], -1)
+
+    def row_gradients(self, sel: ParamSpace, target: Callable, ts: torch.Tensor, weights: torch.Tensor, x: Inputs,
+                      y: torch.Tensor, jumps: Jumps | None = None) -> torch.Tensor:
+        """(m, C, P_sel) :meth:`gradient`'s rows kept apart, each at its own point θ + t_jΔθ: for lanes that are
+        not summed and have few rows each, whose backward passes one by one would each pay a call's fixed cost."""
+        idx = self.fn.space.element_index(sel).to(self.theta.device)
+        points = self.theta[None] + ts[:, None] * self.delta[None]
+        j = self.fn.lane_jacobian(sel, target, points[:, idx], points, x, y, jumps)
+        return j if jumps is not None else j * weights[:, None, None]
 
     def values(self, target: Callable, ts: torch.Tensor, x: Inputs, y: torch.Tensor) -> torch.Tensor:
         """(m, C) target values of each row's lane at its t (no derivative)."""

@@ -75,7 +75,7 @@ class Rows:
     jumps: tuple[torch.Tensor, ...] | None = None
 
 
-def _plain_rows(spans: Spans, n: int, dtype, device, rule: str = "gauss") -> Rows:
+def plain_rows(spans: Spans, n: int, dtype, device, rule: str = "gauss") -> Rows:
     t, w = nodes(n, dtype, device, rule)
     lo, hi = (torch.tensor([sp[k] for sp in spans], dtype=dtype, device=device)[:, None] for k in (0, 1))
     lanes = torch.tensor([lane for *_, lane in spans], device=device).repeat_interleave(n)
@@ -85,7 +85,7 @@ def _plain_rows(spans: Spans, n: int, dtype, device, rule: str = "gauss") -> Row
 def _estimates(values_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], spans: Spans, n: int,
                dtype, device, stats: QuadStats, rule: str = "gauss") -> list[torch.Tensor]:
     """The n-node estimate of ∫ v(t) dt over each (lo, hi, lane) span, from one batched call."""
-    rows = _plain_rows(spans, n, dtype, device, rule)
+    rows = plain_rows(spans, n, dtype, device, rule)
     v = values_at(rows.ts, rows.lanes)  # (len(spans)·n, ...)
     stats.evaluations += len(spans) * n
     w = rows.weights.view(len(spans), n)
@@ -303,11 +303,11 @@ class _Rule:
     def rows(self, spans: Spans, located: tuple[Kinks, torch.Tensor, torch.Tensor] | None = None) -> Rows:
         """The evaluations of every span's n-node estimate, n rows per span in span order."""
         if not self.kinked:
-            return _plain_rows(spans, self.n, self.dtype, self.device, self.rule)
+            return plain_rows(spans, self.n, self.dtype, self.device, self.rule)
         n = self.n
         kinks, _, width = located or self.kinks(spans)  # all spans at once, each on its own [0, 1]
         tail, share = kink_coefficients(kinks, n)  # (n, S, U)
-        plain = _plain_rows(spans, n, self.dtype, self.device)
+        plain = plain_rows(spans, n, self.dtype, self.device)
         return Rows(plain.ts, plain.lanes, plain.weights,
                     (plain.weights, (tail * width[None]).transpose(0, 1).flatten(0, 1),
                      (share * width[None]).transpose(0, 1).flatten(0, 1), kinks.end_side.repeat_interleave(n, dim=0)))
