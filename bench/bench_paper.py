@@ -49,9 +49,10 @@ def _peak_kib() -> int:
     return 0
 
 
-def child(store: str, query: str, threads: int) -> None:
+def child(store: str, query: str, threads: int, floor_of: Callable[[str, int], dict[str, float]] | None = None) -> None:
     """One query in this (fresh) process: print its measurements as one JSON line (``threads`` 0: the
-    package's default, the cores free when the query starts)."""
+    package's default, the cores free when the query starts). With ``floor_of``, the floor is timed here
+    too, just before the query, so that its ratio is measured side by side on the same machine state."""
     import explaind_ql as eq
     from explaind_ql import threads as thread_policy
     if threads:
@@ -63,8 +64,12 @@ def child(store: str, query: str, threads: int) -> None:
     t0 = time.perf_counter()
     run.build_model()  # once per process: importing the model's library (transformers: seconds) and building it
     t1 = time.perf_counter()
+    floors = floor_of(store, threads) if floor_of else None
+    run = eq.open(store)  # what the floor touched is not this query's
+    run.build_model()
+    t2 = time.perf_counter()
     frame = run.query(query)
-    secs = time.perf_counter() - t1
+    secs = time.perf_counter() - t2
     st = run.cache.last_stats
     if "residual" in st:
         residual = st["residual"] / st["change"] if st["change"] else 0.0
@@ -72,14 +77,14 @@ def child(store: str, query: str, threads: int) -> None:
         residual = float(frame["relative_residual"].max())
     else:
         residual = None
-    print(json.dumps({"wall": secs, "once": t1 - t0, "engine": st.get("seconds"), "peak_mib": _peak_kib() / 1024, "rows": frame.height,
+    print(json.dumps({"wall": secs, "once": t1 - t0, "floor": floors, "engine": st.get("seconds"), "peak_mib": _peak_kib() / 1024, "rows": frame.height,
                       "threads": st.get("threads"),
                       "residual": residual, **{k: st.get(k) for k in ("test_seconds", "trajectory_seconds", "evaluations",
                                                                     "kinks", "refined_steps", "replayed_steps")}}))
 
 
 HEADER = ["| query | s/step | floor s/step | × floor | wall s (+ once) | peak MiB | residual | evaluations/step "
-          "| kinks/step | test s | trajectory s | train s | frames s |", "|---|" * 13]
+          "| kinks/step | test s | trajectory s | train s | frames s |", "|" + "---|" * 13]
 PHASES = ("Residual: the replication residual the result reports (largest |exact change − sum of terms| "
           "over targets, relative to the largest change; for `check`, the largest per item). "
           "Phases are summed over the whole query: test side (φ or projections, kink location and "
@@ -87,7 +92,16 @@ PHASES = ("Residual: the replication residual the result reports (largest |exact
           "and JVPs), frames (the rest of the query's wall time: the plan, the engine, the frame). "
           "s/step is the query's wall time over the steps; \"+ once\" is what a fresh process pays before "
           "its first query, importing and building the model (transformers alone: seconds), kept out of "
-          "s/step and shown beside the query's wall time.")
+          "s/step and shown beside the query's wall time. Each row's floor was timed in the query's own "
+          "process just before it (the table of floors above is the parent's, for reference).")
+
+
+def floors(res: dict | str, fl: dict[str, float]) -> dict[str, float]:
+    """A query's floors, from what its own process timed just before it (else the run's, ``fl``)."""
+    fl = res["floor"] if isinstance(res, dict) and res.get("floor") else fl
+    g, jvp, replay = (fl["gradient, 100 test items summed"], fl["batch JVP, 4,000 train pairs"],
+                      fl["full-batch gradient (= one replayed step)"])
+    return {"2 nodes": 2 * g, "2 nodes + replay": 2 * g + replay, "2 nodes + JVP": 2 * g + jvp}
 
 
 def run_child(script: str, store: str, query: str, threads: int, timeout: float) -> dict | str:
@@ -205,15 +219,12 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="labels (substrings) of the queries to run")
     args = ap.parse_args()
     if args.child:
-        return child(*args.child, args.threads)
+        return child(*args.child, args.threads, floor)
     with tempfile.TemporaryDirectory() as tmp:
         dest = Path(args.store or tmp)
         dest.mkdir(parents=True, exist_ok=True)
         stores = record(dest, args.steps)
         fl = floor(stores["dense"][0], args.threads)
-        g, jvp, replay = (fl["gradient, 100 test items summed"], fl["batch JVP, 4,000 train pairs"],
-                          fl["full-batch gradient (= one replayed step)"])
-        floors = {"2 nodes": 2 * g, "2 nodes + replay": 2 * g + replay, "2 nodes + JVP": 2 * g + jvp}
         lines = [f"# The paper's scale ({time.strftime('%Y-%m-%d')})", "",
                  f"`python bench/bench_paper.py --steps {args.steps} --threads {args.threads}`: the paper config "
                  f"(p = 113, 89,024 params, 4,000 train and 2,000 test pairs, ReLU, float32, full-batch AdamW), "
@@ -228,7 +239,7 @@ def main() -> None:
             if args.only and not any(o in label for o in args.only):
                 continue
             res = run_child(__file__, stores[store][0], query, args.threads, args.timeout)
-            lines.append(table_row(label, query, res, args.steps, floors[fname]))
+            lines.append(table_row(label, query, res, args.steps, floors(res, fl)[fname]))
             print(lines[-1], flush=True)
         lines += ["", PHASES, "", reference_line()]
         print("\n".join(lines[-3:]))
