@@ -77,8 +77,8 @@ def child(store: str, query: str, threads: int, floor_of: Callable[[str, int], d
         residual = float(frame["relative_residual"].max())
     else:
         residual = None
-    print(json.dumps({"wall": secs, "once": t1 - t0, "floor": floors, "engine": st.get("seconds"), "peak_mib": _peak_kib() / 1024, "rows": frame.height,
-                      "threads": st.get("threads"),
+    print(json.dumps({"wall": secs, "once": t1 - t0, "floor": floors, "engine": st.get("seconds"),
+                      "peak_mib": _peak_kib() / 1024, "rows": frame.height, "threads": st.get("threads"),
                       "residual": residual, **{k: st.get(k) for k in ("test_seconds", "trajectory_seconds", "evaluations",
                                                                     "kinks", "refined_steps", "replayed_steps")}}))
 

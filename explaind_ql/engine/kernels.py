@@ -329,9 +329,9 @@ class ProjectVecs:
 
 @dataclass
 class Memo:
-    """One step's first-round rows, evaluated beside other steps' rows in batched calls
-    (:meth:`_Context._prefetch`): the integrand's row values, the targets' exact values at the
-    step's ends, and (for φ) each row's gradient, all keyed by (t, lane)."""
+    """One step's rows evaluated already, keyed by (t, lane): its first round, beside other steps' rows in
+    batched calls (:meth:`_Context._prefetch`: the integrand's row values and the targets' exact values at
+    the step's ends), and, for φ, the gradient of every row its rule evaluated (:meth:`_Context._gradient_rows`)."""
 
     values: dict[Row, torch.Tensor] = field(default_factory=dict)
     ends: dict[Row, torch.Tensor] = field(default_factory=dict)

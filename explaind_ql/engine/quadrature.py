@@ -76,6 +76,7 @@ class Rows:
 
 
 def plain_rows(spans: Spans, n: int, dtype, device, rule: str = "gauss") -> Rows:
+    """Every span's n-node rule as rows: the nodes and weights of [0, 1] moved onto each (lo, hi, lane)."""
     t, w = nodes(n, dtype, device, rule)
     lo, hi = (torch.tensor([sp[k] for sp in spans], dtype=dtype, device=device)[:, None] for k in (0, 1))
     lanes = torch.tensor([lane for *_, lane in spans], device=device).repeat_interleave(n)
