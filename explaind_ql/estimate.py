@@ -4,7 +4,8 @@ A cost model of FLOPs ranks strategies (:mod:`explaind_ql.plan.cost`) but cannot
 adaptive rule's refinement depends on how many ReLU kinks each step crosses, and the machine's
 speed on everything. So ``explain`` runs the query's first engine chunk on up to six steps spread
 over its window (after one warm-up step, which pays the one-off costs), each with the whole
-window's error allowance, and scales their mean up: time and gradient evaluations per step
+window's error allowance, or, where the engine walks steps in blocks (a smooth model's first rounds
+are batched across them), on blocks spread so, about six steps in all; and scales their mean up: time and gradient evaluations per step
 times the steps, the replay of a checkpointed store per replayed step,
 the chunks, and the resident growth of a step plus the answer. What the pilot computes and
 replays is forgotten afterwards, so it never makes the query itself look faster.
@@ -94,15 +95,15 @@ def _cache_bytes(run: Run) -> int:
     return run.cache.phi.bytes + run.cache.replay.bytes
 
 
-def _pilot_request(req: Request, s: int) -> Request:
-    return replace(req, a=s, b=s + 1, step_bin=(0,), n_bins=1, window=req.window or (req.a, req.b),
+def _pilot_request(req: Request, s: int, e: int) -> Request:
+    return replace(req, a=s, b=e, step_bin=(0,) * (e - s), n_bins=1, window=req.window or (req.a, req.b),
                    segment_steps=None)
 
 
-def pilot_steps(a: int, b: int) -> list[int]:
-    """Up to :data:`PILOT_SAMPLES` steps spread evenly over a..b-1: steps differ (a ReLU model's kinks per
-    step varied 36-fold over one 24-step toy run), so one step from the middle does not stand for them."""
-    k = min(b - a, PILOT_SAMPLES)
+def pilot_steps(a: int, b: int, count: int = PILOT_SAMPLES) -> list[int]:
+    """Up to ``count`` steps spread evenly over a..b-1: steps differ (a ReLU model's kinks per step varied
+    36-fold over one 24-step toy run), so one step from the middle does not stand for them."""
+    k = min(b - a, count)
     return sorted({a + (2 * i + 1) * (b - a) // (2 * k) for i in range(k)})
 
 
@@ -112,31 +113,38 @@ def of_plan(run: Run, engine: Engine, plan: Plan, facts: Facts) -> Estimate:
     req = leaves[0]
     a, b = req.a, req.b
     steps = b - a
-    sample = pilot_steps(a, b)
-    warm_up = sample[len(sample) // 2] if len(sample) > 1 else None  # run first: it pays the one-off costs
+    middle = pilot_steps(a, b)
+    warm_up = middle[len(middle) // 2] if len(middle) > 1 else None  # run first: it pays the one-off costs
     forget = _forgetting(run)
-    measured, grown, cached = [], [], []
+    measured, grown, cached, walked = [], [], [], []  # per pilot request; walked: its steps
+
+    def pilot(s: int, e: int) -> dict:
+        t0, rss0, cache0 = time.perf_counter(), _rss(), _cache_bytes(run)
+        r = engine.run_request(_pilot_request(req, s, e))
+        measured.append((time.perf_counter() - t0, r.stats))
+        grown.append(max(0, _rss() - rss0))
+        cached.append(max(0, _cache_bytes(run) - cache0) / (e - s))  # what the run keeps of a step for later
+        walked.append(e - s)
+        return r.stats
     try:
-        for s in ([warm_up] if warm_up is not None else []) + sample:
-            t0, rss0, cache0 = time.perf_counter(), _rss(), _cache_bytes(run)
-            if s == warm_up and measured:  # the sampled run of the warm-up step: its cached φ would be a hit
-                forget()
-            r = engine.run_request(_pilot_request(req, s))
-            measured.append((time.perf_counter() - t0, r.stats))
-            grown.append(max(0, _rss() - rss0))
-            cached.append(max(0, _cache_bytes(run) - cache0))  # what the run keeps of a step for later queries
+        # steps the engine walks together (a smooth model's first rounds batched across them) are timed so
+        block = pilot(warm_up, warm_up + 1).get("block_steps", 1) if warm_up is not None else 1
+        forget()  # the warm-up's cached φ would be a hit for the samples
+        sample = pilot_steps(a, b, max(1, PILOT_SAMPLES // block))
+        for s in sample:
+            pilot(s, min(b, s + block))
     finally:
         forget()
-    runs = measured[1:] if warm_up is not None else measured
+    runs = list(zip(measured, walked))[1:] if warm_up is not None else list(zip(measured, walked))
     replayed = sum(st.get("replayed_steps", 0) for _, st in measured)
 
-    def compute(m: tuple[float, dict]) -> float:  # a step's own work; with replay, the walk is counted apart
+    def compute(m: tuple[float, dict]) -> float:  # a request's own work; with replay, the walk is counted apart
         return m[0] - (m[1].get("trajectory_seconds", 0.0) if replayed else 0.0)
-    per_step = sum(map(compute, runs)) / len(runs)
+    per_step = sum(compute(m) for m, _ in runs) / sum(k for _, k in runs)
     fixed = max(0.0, compute(measured[0]) - per_step) if warm_up is not None else 0.0
     per_replay = sum(st.get("trajectory_seconds", 0.0) for _, st in measured) / replayed if replayed else 0.0
     n_replays = replays(run, a, b)  # once: later chunks find the replayed states in the run's cache
-    evaluations = sum(st.get("evaluations", 0) for _, st in runs) / len(runs)
+    evaluations = sum(m[1].get("evaluations", 0) for m, _ in runs) / sum(k for _, k in runs)
     n = len(leaves)
     # resident growth: the warm-up's beyond a sampled step's is once per process; a step's own, the caches'
     # share of every step (to their caps) and the answer are the query's
@@ -144,11 +152,12 @@ def of_plan(run: Run, engine: Engine, plan: Plan, facts: Facts) -> Estimate:
     kept = min(n * steps * sum(cached[-len(runs):]) / len(runs), PHI_CACHE_BYTES + REPLAY_CACHE_BYTES)
     steady_bytes = int(step_bytes + kept + engine_budget.answer(facts, plan.request).bytes)
     one_off_bytes = max(0, grown[0] - step_bytes) if warm_up is not None else 0
-    shown = ", ".join(map(str, sample))
+    shown = ", ".join(str(s) if block == 1 or min(b, s + block) - s == 1 else f"{s}–{min(b, s + block) - 1}"
+                      for s in sample)
     return Estimate(seconds=fixed + n * per_step * steps + per_replay * n_replays, one_off=fixed,
                     evaluations=round(n * evaluations * steps), bytes=steady_bytes + one_off_bytes,
                     one_off_bytes=one_off_bytes, replayed_steps=n_replays,
-                    basis=f"pilot of step{'s' if len(sample) > 1 else ''} {shown}"
+                    basis=f"pilot of step{'s' if len(sample) > 1 or block > 1 else ''} {shown}"
                           + (f" of the first of {n} chunks" if n > 1 else ""))
 
 

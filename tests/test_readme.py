@@ -232,8 +232,8 @@ def language_examples() -> list[tuple[str, str]]:
 
 
 def _masked(text: str) -> list[str]:
-    """Plan text with its machine-dependent numbers (budget, estimate, timings) masked."""
-    return [re.sub(r"[0-9][0-9.,e+-]*", "#", line) for line in text.splitlines()]
+    """Plan text with its machine-dependent numbers (budget, estimate, timings) masked, sizes with their units."""
+    return [re.sub(r"[0-9][0-9.,e+-]*( [KMGT]?i?B\b)?", "#", line) for line in text.splitlines()]
 
 
 def test_the_language_docs_examples_are_what_the_tool_prints_now(toy_run):

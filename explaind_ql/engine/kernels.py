@@ -409,6 +409,7 @@ class _Context:
         self.qstats = quadrature.QuadStats()
         self.joined_items = 0  # item-steps integrated on a kink-free lane of several items (_lane_sets)
         self.prefetched = 0  # steps whose first round was evaluated in calls with other steps' (_prefetch)
+        self.block_steps = 1  # steps walked in one block (_blocks): a pilot of the query times blocks of this many
         self.stats: dict = {}
         self.response_out: dict = {}  # Request.carry_response: the Result's response fields
         self.seconds = {"test": 0.0, "trajectory": 0.0}
@@ -732,6 +733,7 @@ class _Context:
         (:meth:`_prefetch`, each row with its own params); one at a time on kinked models, whose steps
         are each located and cut."""
         size = 1 if self.kinked else max(1, self._gradient_rows_per_call() // (self.lanes.count * self.req.nodes))
+        self.block_steps = size
         block: list[StepRecord] = []
         for rec in recs:
             block.append(rec)
@@ -1040,6 +1042,7 @@ class _Context:
                           evaluations=self.qstats.evaluations, refined_steps=self.qstats.refined_steps,
                           kinks=self.qstats.kinks, corrected_lanes=self.qstats.corrected_lanes,
                           joined_items=self.joined_items, prefetched_steps=self.prefetched,
+                          block_steps=self.block_steps,
                           unconverged_steps=list(self.qstats.unconverged))
         if self.req.rebuild:
             self.stats.update(update_errors=self.update_errors)
