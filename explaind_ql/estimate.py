@@ -4,10 +4,10 @@ A cost model of FLOPs ranks strategies (:mod:`explaind_ql.plan.cost`) but cannot
 adaptive rule's refinement depends on how many ReLU kinks each step crosses, and the machine's
 speed on everything. So ``explain`` runs the query's first engine chunk on up to six steps spread
 over its window (after one warm-up step, which pays the one-off costs), each with the whole
-window's error allowance, or, where the engine walks steps in blocks (a smooth model's first rounds
-are batched across them), on blocks spread so, about six steps in all; and scales their mean up: time and gradient evaluations per step
-times the steps, the replay of a checkpointed store per replayed step,
-the chunks, and the resident growth of a step plus the answer. What the pilot computes and
+window's error allowance; where the engine walks steps in blocks (a smooth model's first rounds are
+batched across them), on blocks spread so, about six steps in all. It scales their mean up: time and
+gradient evaluations per step times the steps, the replay of a checkpointed store per replayed
+step, the chunks, and the resident growth of a step plus the answer. What the pilot computes and
 replays is forgotten afterwards, so it never makes the query itself look faster.
 ``evaluate`` (no contraction) is estimated from a timed forward pass and two timed steps of the walk.
 """
@@ -116,7 +116,7 @@ def of_plan(run: Run, engine: Engine, plan: Plan, facts: Facts) -> Estimate:
     middle = pilot_steps(a, b)
     warm_up = middle[len(middle) // 2] if len(middle) > 1 else None  # run first: it pays the one-off costs
     forget = _forgetting(run)
-    measured, grown, cached, walked = [], [], [], []  # per pilot request; walked: its steps
+    measured, grown, cached, spans = [], [], [], []  # per pilot request; spans: its steps, (first, end)
 
     def pilot(s: int, e: int) -> dict:
         t0, rss0, cache0 = time.perf_counter(), _rss(), _cache_bytes(run)
@@ -124,7 +124,7 @@ def of_plan(run: Run, engine: Engine, plan: Plan, facts: Facts) -> Estimate:
         measured.append((time.perf_counter() - t0, r.stats))
         grown.append(max(0, _rss() - rss0))
         cached.append(max(0, _cache_bytes(run) - cache0) / (e - s))  # what the run keeps of a step for later
-        walked.append(e - s)
+        spans.append((s, e))
         return r.stats
     try:
         # steps the engine walks together (a smooth model's first rounds batched across them) are timed so
@@ -135,7 +135,7 @@ def of_plan(run: Run, engine: Engine, plan: Plan, facts: Facts) -> Estimate:
             pilot(s, min(b, s + block))
     finally:
         forget()
-    runs = list(zip(measured, walked))[1:] if warm_up is not None else list(zip(measured, walked))
+    runs = [(m, e - s) for m, (s, e) in zip(measured, spans)][1 if warm_up is not None else 0:]
     replayed = sum(st.get("replayed_steps", 0) for _, st in measured)
 
     def compute(m: tuple[float, dict]) -> float:  # a request's own work; with replay, the walk is counted apart
@@ -152,8 +152,7 @@ def of_plan(run: Run, engine: Engine, plan: Plan, facts: Facts) -> Estimate:
     kept = min(n * steps * sum(cached[-len(runs):]) / len(runs), PHI_CACHE_BYTES + REPLAY_CACHE_BYTES)
     steady_bytes = int(step_bytes + kept + engine_budget.answer(facts, plan.request).bytes)
     one_off_bytes = max(0, grown[0] - step_bytes) if warm_up is not None else 0
-    shown = ", ".join(str(s) if block == 1 or min(b, s + block) - s == 1 else f"{s}–{min(b, s + block) - 1}"
-                      for s in sample)
+    shown = ", ".join(str(s) if e - s == 1 else f"{s}–{e - 1}" for s, e in spans[len(spans) - len(runs):])
     return Estimate(seconds=fixed + n * per_step * steps + per_replay * n_replays, one_off=fixed,
                     evaluations=round(n * evaluations * steps), bytes=steady_bytes + one_off_bytes,
                     one_off_bytes=one_off_bytes, replayed_steps=n_replays,

@@ -68,9 +68,9 @@ JVP_MAX_TANGENTS = 16
 # a 10-sequence row is 21× its 28k params, a 1-sequence row 2×: `check` 3.8–4.2 s as projections, 6.2 s as
 # gradients)
 HEAVY_ROWS = 8
-# what one batched test-side call (Jacobians or derivatives at nodes) may hold at most: its fixed
-# cost (ms of dispatch) is amortised once rows are many or large, so more would buy memory, not speed.
-# The paper's model's forward-mode ReLU slopes: 16 ms for 64 one-item rows, 41 ms for 256
+# what one batched test-side call (Jacobians or derivatives at nodes) may hold at most: its fixed cost (ms of
+# dispatch) wants many rows a call. The paper's model's forward-mode ReLU slopes: 16 ms for 64 one-item rows,
+# 41 ms for 256; tiny GPT-2's `by example`, 10 steps: 4.5 s at 16 MiB (3 rows a call), 2.9 at 64, 1.8 at 256
 CALL_BYTES = 256 << 20
 GROUP_LOOP_MAX = 64
 # a change below √ε·(1 + |F|) is rounding of F itself: residuals are relative to at least that
@@ -631,11 +631,10 @@ class _Context:
     def _row_gradients(self, path: Path, lanes: Lanes, rows: quadrature.Rows) -> torch.Tensor:
         """(m, C, P_sel) each row's weighted gradient (its kink jumps with it), rows of every lane in calls
         together: for lanes kept apart with fewer rows each than a lane's own backward pass is worth."""
-        jumps = rows.jumps or ()
-        per = self._gradient_rows_per_call(lanes)
-        return torch.cat([path.row_gradients(self.sel, lanes.target, rows.ts[k], rows.weights[k], lanes.xs(rows.lanes[k]),
-                                             lanes.y[rows.lanes[k]], tuple(j[k] for j in jumps) or None)
-                          for k in torch.arange(len(rows.ts), device=rows.ts.device).split(per)])
+        m = len(rows.ts)
+        g = self._row_grads(lanes, self.sel, path.theta.expand(m, -1), path.delta.expand(m, -1), rows.ts, rows.lanes,
+                            rows.jumps or ())
+        return g if rows.jumps else g * rows.weights[:, None, None]
 
     def _gradient_rows(self, sel: ParamSpace, groups: Groups, theta: torch.Tensor, delta: torch.Tensor,
                        ts: torch.Tensor, ln: torch.Tensor, vecs: torch.Tensor, kept: list[Memo] | None) -> torch.Tensor:
@@ -643,18 +642,24 @@ class _Context:
         each row's own gradient over ``sel`` at θ_j + t_jΔθ_j (``theta``, ``delta``: (m, P), rows of one step
         or of several). With ``kept`` (a Memo per row) each gradient is kept there by (t, lane): φ is its
         rule's weighted sum of them (:meth:`_gradient`), so no row is evaluated twice."""
-        lanes, fn = self.lanes, self.eng.fn
+        g = self._row_grads(self.lanes, sel, theta, delta, ts, ln)  # (m, C, P_sel)
+        shares = torch.stack([g.new_zeros(*g.shape[:2], groups.G).index_add_(2, groups.gidx, g * vecs[:, v][:, None])
+                              for v in range(vecs.shape[1])], 1)  # (m, V, C, G)
+        if kept is not None:
+            for r, key in enumerate(zip(ts.tolist(), ln.tolist())):
+                kept[r].grads[key] = g[r]
+        return shares.transpose(2, 3).flatten(1, 2)  # as the step's own rows are laid out
+
+    def _row_grads(self, lanes: Lanes, sel: ParamSpace, theta: torch.Tensor, delta: torch.Tensor, ts: torch.Tensor,
+                   ln: torch.Tensor, jumps: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        """(m, C, P_sel) each row's gradient over ``sel`` at its own θ_j + t_jΔθ_j (``theta``, ``delta``: (m, P)),
+        with ``jumps`` its weighted value's plus its kink jumps'; in calls of as many rows as one holds."""
         idx = self.eng.run.space.element_index(sel).to(ts.device)
         out = []
-        for k in torch.arange(len(ts), device=ts.device).split(self._gradient_rows_per_call()):
+        for k in torch.arange(len(ts), device=ts.device).split(self._gradient_rows_per_call(lanes)):
             points = theta[k] + ts[k, None] * delta[k]
-            g = fn.lane_jacobian(sel, lanes.target, points[:, idx], points, lanes.xs(ln[k]), lanes.y[ln[k]])
-            shares = torch.stack([g.new_zeros(*g.shape[:2], groups.G).index_add_(2, groups.gidx, g * vecs[k, v][:, None])
-                                  for v in range(vecs.shape[1])], 1)  # (m, V, C, G)
-            out.append(shares.transpose(2, 3).flatten(1, 2))  # as the step's own rows are laid out
-            if kept is not None:
-                for r, key in zip(k.tolist(), zip(ts[k].tolist(), ln[k].tolist())):
-                    kept[r].grads[key] = g[r - int(k[0])]
+            out.append(self.eng.fn.lane_jacobian(sel, lanes.target, points[:, idx], points, lanes.xs(ln[k]),
+                                                 lanes.y[ln[k]], tuple(j[k] for j in jumps) or None))
         return torch.cat(out)
 
     def _keeps_gradients(self) -> bool:

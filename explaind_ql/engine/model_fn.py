@@ -461,15 +461,6 @@ class Path:
         j_sel, j_rest = jacrev(total, argnums=(0, 1))(self.theta[idx], self.theta.new_zeros(()))
         return j_sel if rest is None else torch.cat([j_sel, j_rest[:, None]], -1)
 
-    def row_gradients(self, sel: ParamSpace, target: Callable, ts: torch.Tensor, weights: torch.Tensor, x: Inputs,
-                      y: torch.Tensor, jumps: Jumps | None = None) -> torch.Tensor:
-        """(m, C, P_sel) :meth:`gradient`'s rows kept apart, each at its own point θ + t_jΔθ: for lanes that are
-        not summed and have few rows each, whose backward passes one by one would each pay a call's fixed cost."""
-        idx = self.fn.space.element_index(sel).to(self.theta.device)
-        points = self.theta[None] + ts[:, None] * self.delta[None]
-        j = self.fn.lane_jacobian(sel, target, points[:, idx], points, x, y, jumps)
-        return j if jumps is not None else j * weights[:, None, None]
-
     def values(self, target: Callable, ts: torch.Tensor, x: Inputs, y: torch.Tensor) -> torch.Tensor:
         """(m, C) target values of each row's lane at its t (no derivative)."""
         with torch.no_grad():
