@@ -13,7 +13,9 @@ from explaind_ql import threads
 from explaind_ql.errors import ExplaindError
 
 
-def _spin(seconds: float) -> None:
+def _spin(seconds: float, started=None) -> None:
+    if started is not None:  # a spawned interpreter takes seconds to import this module: say when it spins
+        started.set()
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         pass
@@ -43,10 +45,13 @@ def test_the_option_then_the_environment_then_the_free_cores(monkeypatch):
 
 def test_another_processs_work_counts_as_busy_and_this_ones_does_not():
     assert threads.others_busy(0.2) < 0.9 * threads.cores() + 0.5  # this process alone does not fill the machine
-    other = multiprocessing.get_context("spawn").Process(target=_spin, args=(3.0,))
+    ctx = multiprocessing.get_context("spawn")
+    started = ctx.Event()
+    other = ctx.Process(target=_spin, args=(3.0, started))
     other.start()
     try:
-        time.sleep(0.5)
+        assert started.wait(60)
+        time.sleep(0.1)
         assert threads.others_busy(0.5) > 0.6  # a spinning process is most of a core
     finally:
         other.terminate()
