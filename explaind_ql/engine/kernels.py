@@ -311,6 +311,10 @@ class Lanes:
         return model_io.apply(self.x, lambda t: t[index])
 
 
+def _same(v: torch.Tensor) -> torch.Tensor:
+    return v
+
+
 def _rss() -> int:
     return psutil.Process().memory_info().rss
 
@@ -386,6 +390,7 @@ class _Context:
                 if self.kinked and req.tolerance is not None else None)
         self.lanes = dataclasses.replace(lanes, live=live)
         self.joint_target = lambda out, yl: targets.make(req.target, yl, loss)(out)
+        self.lane_targets = targets.make(spec, y[items], loss)  # every lane's targets from one forward pass, lane-major
         self.joinable = live is not None and lanes.summed and self._joinable()
         self.labels = eng.target_labels(req.target)
         self.T = len(self.labels)
@@ -418,6 +423,7 @@ class _Context:
         self.budget = self._quad_budget()
         # (kind, step) → the first-round rows of that step's integration, evaluated with other steps' (_prefetch)
         self.memo: dict[tuple[str, int], Memo] = {}
+        self.states: dict[int, torch.Tensor] = {}  # stored state s → every lane's targets there (_at_state)
 
     # -- test side ---------------------------------------------------------------------------
     def _quad_budget(self) -> torch.Tensor | None:
@@ -476,8 +482,21 @@ class _Context:
         x = self.lanes.xs((slice(0, 2), 0))
         return self.eng.fn.kink_segments(self.eng.theta0, x) == tuple(2 * s for s in self.lanes.segments)
 
-    def _lane_sets(self, path: Path) -> list[tuple[Lanes, float]]:
-        """This step's lanes, each with its share of the error budget.
+    def _at_state(self, s: int, theta: torch.Tensor) -> torch.Tensor:
+        """(L, C) every lane's targets at the stored state θ_s, evaluated once: they are the exact change's end
+        of step s − 1 and its start of step s, for the quadrature (its lanes' ``f_at`` at t = 0 and 1) and
+        :meth:`check_step` alike. One forward pass of the items, where each lane's own would take L."""
+        if s not in self.states:
+            self.states[s] = self.lane_targets(self.eng.fn.forward(theta, self.x_items)).view(self.lanes.count, -1)
+        return self.states[s]
+
+    def _targets(self, lane_values: torch.Tensor) -> torch.Tensor:
+        """The request's target vector from every lane's targets: summed over lanes, or laid end to end."""
+        return lane_values.sum(0) if self.lanes.summed else lane_values.reshape(-1)
+
+    def _lane_sets(self, path: Path) -> list[tuple[Lanes, float, Callable[[torch.Tensor], torch.Tensor]]]:
+        """This step's lanes, each with its share of the error budget and how its lanes' targets are read
+        from all lanes' (L, C) targets.
 
         An item none of whose live ReLU inputs changes sign over the step has a smooth integrand
         there. Such items join one lane again, integrated by the plain rule: one gradient of their
@@ -486,7 +505,7 @@ class _Context:
         """
         lanes = self.lanes
         if not self.joinable or lanes.count < 2:
-            return [(lanes, 1.0)]
+            return [(lanes, 1.0, _same)]
         x = model_io.apply(lanes.x, lambda t: t[None, :, 0].expand(2, *t[:, 0].shape))
         z, d = path.slopes(torch.tensor([0.0, 1.0], dtype=self.eng.dtype, device=self.eng.device), x)
         crossing = quadrature.locate_kinks(z[0], z[1], d[0], d[1]).sign != 0  # each call's inputs, item-major
@@ -494,11 +513,12 @@ class _Context:
         live = lanes.live.split(lanes.segments, 1)
         kinked = sum((c & v).any(1) for c, v in zip(calls, live)) > 0
         if lanes.count - int(kinked.sum()) < 2:
-            return [(lanes, 1.0)]
+            return [(lanes, 1.0, _same)]
         share = 1 - float(kinked.float().mean())
         smooth = lanes.joined(~kinked, self.joint_target)
         self.joined_items += model_io.count(smooth.xs(0))
-        return [(smooth, share)] + ([(lanes.subset(kinked), 1 - share)] if bool(kinked.any()) else [])
+        return [(smooth, share, lambda v: v[~kinked].sum(0, keepdim=True))] + (
+            [(lanes.subset(kinked), 1 - share, lambda v: v[kinked])] if bool(kinked.any()) else [])
 
     def _integrate(self, rec: StepRecord, path: Path, at_rows, along, spread, error, row_bytes, cat_dim: int,
                    finish=None, memo: Memo | None = None, values=None) -> torch.Tensor:
@@ -510,10 +530,15 @@ class _Context:
         lanes)``, where given, evaluates those lanes' plain rows instead of ``at_rows``.
         """
         out = 0
-        for lanes, share in self._lane_sets(path):
+        for lanes, share, pick in self._lane_sets(path):
+            own = memo if lanes is self.lanes and memo is not None else Memo()
+            if self.budget is not None:  # the exact change's ends, from the stored states
+                for t, v in ((0.0, self._at_state(rec.s, rec.theta)), (1.0, self._at_state(rec.s + 1, rec.theta_next))):
+                    for lane, end in enumerate(pick(v)):
+                        own.ends.setdefault((t, lane), end)
             part = self._integrate_lanes(rec, lanes, path, partial(at_rows, lanes.target), along, spread, error,
                                          row_bytes(lanes), cat_dim, None if self.budget is None else self.budget * share,
-                                         finish is not None, *((memo, values) if lanes is self.lanes else ()))
+                                         finish is not None, own, values if lanes is self.lanes else None)
             if finish is not None:
                 out = out + finish(lanes, part[1])
             else:
@@ -655,11 +680,12 @@ class _Context:
         """(m, C, P_sel) each row's gradient over ``sel`` at its own θ_j + t_jΔθ_j (``theta``, ``delta``: (m, P)),
         with ``jumps`` its weighted value's plus its kink jumps'; in calls of as many rows as one holds."""
         idx = self.eng.run.space.element_index(sel).to(ts.device)
+        everything = torch.equal(idx, torch.arange(theta.shape[1], device=idx.device))  # sel is the flat vector
         out = []
         for k in torch.arange(len(ts), device=ts.device).split(self._gradient_rows_per_call(lanes)):
-            points = theta[k] + ts[k, None] * delta[k]
-            out.append(self.eng.fn.lane_jacobian(sel, lanes.target, points[:, idx], points, lanes.xs(ln[k]),
-                                                 lanes.y[ln[k]], tuple(j[k] for j in jumps) or None))
+            points = torch.addcmul(theta[k], ts[k, None], delta[k])
+            out.append(self.eng.fn.lane_jacobian(sel, lanes.target, points if everything else points[:, idx], points,
+                                                 lanes.xs(ln[k]), lanes.y[ln[k]], tuple(j[k] for j in jumps) or None))
         return torch.cat(out)
 
     def _keeps_gradients(self) -> bool:
@@ -779,37 +805,44 @@ class _Context:
             memos = [self.memo.setdefault(("phi" if vecs is None else "proj", rec.s), Memo()) for rec, _ in part]
             self.prefetched += len(part)
             self._prefetch_rows(part, memos, sel, groups, vecs is None)
+        if self.budget is not None:
+            self._prefetch_states([rec for rec, _ in todo])
         self.seconds["test"] += time.perf_counter() - t0
         self.grown["test"] = max(self.grown["test"], _rss() - rss0)
+
+    def _prefetch_states(self, recs: list[StepRecord]) -> None:
+        """:meth:`_at_state` of every stored state that the steps of ``recs`` start or end at, in calls across them."""
+        fn, want = self.eng.fn, {}
+        for rec in recs:
+            want.setdefault(rec.s, rec.theta)
+            want.setdefault(rec.s + 1, rec.theta_next)
+        todo = [(s, th) for s, th in want.items() if s not in self.states]
+        if len(todo) < 2:
+            return
+        points = torch.stack([th for _, th in todo])
+        per = max(1, int(self.req.call_bytes // (4 * fn.itemsize * self.lanes.count * max(1, self._activations(self.lanes)[1]))))
+        for k in torch.arange(len(todo), device=points.device).split(per):
+            x = model_io.apply(self.x_items, lambda t: t.expand(len(k), *t.shape))
+            out = fn.values_at(lambda o, _: self.lane_targets(o), points[k], x, points.new_zeros(len(k)))
+            for j, v in zip(k.tolist(), out):
+                self.states[todo[j][0]] = v.view(self.lanes.count, -1)
 
     def _prefetch_rows(self, part: list[tuple[StepRecord, torch.Tensor]], memos: list[Memo], sel: ParamSpace,
                        groups: Groups, phi: bool) -> None:
         """:meth:`_prefetch` for steps whose vectors have one shape: each row from its own gradient at its
-        step's θ_s + tΔθ_s (:meth:`_gradient_rows`; for :meth:`phi` the gradients are kept too), and the
-        targets at each step's ends."""
-        lanes, fn, dev, dt = self.lanes, self.eng.fn, self.eng.device, self.eng.dtype
-        L = lanes.count
+        step's θ_s + tΔθ_s (:meth:`_gradient_rows`; for :meth:`phi` the gradients are kept too). The targets
+        at the steps' ends are the stored states' (:meth:`_at_state`)."""
+        lanes, dev, dt = self.lanes, self.eng.device, self.eng.dtype
         theta, delta = torch.stack([rec.theta for rec, _ in part]), torch.stack([rec.delta for rec, _ in part])
         vv = torch.stack([v for _, v in part])  # (steps, V, P_sel)
-        first = quadrature.plain_rows([(0.0, 1.0, lane) for lane in range(L)], self.req.nodes, dt, dev,
+        first = quadrature.plain_rows([(0.0, 1.0, lane) for lane in range(lanes.count)], self.req.nodes, dt, dev,
                                       self.req.rule if self.budget is None else "gauss")
-        tables = [("values", first.ts, first.lanes)]
-        if self.budget is not None:  # the exact change: the targets at each step's ends
-            tables.append(("ends", torch.tensor([0.0, 1.0], dtype=dt, device=dev).repeat(L),
-                           torch.arange(L, device=dev).repeat_interleave(2)))
-        for table, ts1, ln1 in tables:
-            step = torch.arange(len(part), device=dev).repeat_interleave(len(ts1))
-            ts, ln = ts1.repeat(len(part)), ln1.repeat(len(part))
-            if table == "values":
-                out = self._gradient_rows(sel, groups, theta[step], delta[step], ts, ln, vv[step],
-                                          [memos[j] for j in step.tolist()] if phi else None)
-            else:
-                points = theta[step] + ts[:, None] * delta[step]
-                per = max(1, int(self.req.call_bytes // (4 * fn.itemsize * max(1, self._activations(lanes)[1]))))
-                out = torch.cat([fn.values_at(lanes.target, points[k], lanes.xs(ln[k]), lanes.y[ln[k]])
-                                 for k in torch.arange(len(ts), device=dev).split(per)])
-            for r, key in enumerate(zip(ts.tolist(), ln.tolist())):
-                getattr(memos[int(step[r])], table)[key] = out[r]
+        step = torch.arange(len(part), device=dev).repeat_interleave(len(first.ts))
+        ts, ln = first.ts.repeat(len(part)), first.lanes.repeat(len(part))
+        out = self._gradient_rows(sel, groups, theta[step], delta[step], ts, ln, vv[step],
+                                  [memos[j] for j in step.tolist()] if phi else None)
+        for r, key in enumerate(zip(ts.tolist(), ln.tolist())):
+            memos[int(step[r])].values[key] = out[r]
 
     def _grouped(self, rec: StepRecord, vecs: torch.Tensor, group_of_param: tuple[int, ...],
                  G: int) -> tuple[ParamSpace, Groups, int, torch.Tensor]:
@@ -838,11 +871,12 @@ class _Context:
         return self.eng.fn.activation_elements(self.eng.theta0, lanes.xs(0))
 
     def check_step(self, k: int, rec: StepRecord, explained: torch.Tensor) -> None:
-        before = self._f(rec.theta)
+        before = self._targets(self._at_state(rec.s, rec.theta))
         if k == 0:
             self.start = before
-        self.step_actual[k] = self._f(rec.theta_next) - before
+        self.step_actual[k] = self._targets(self._at_state(rec.s + 1, rec.theta_next)) - before
         self.step_explained[k] = explained
+        self.states = {s: v for s, v in self.states.items() if s > rec.s}  # θ_s is behind the walk
 
     # -- contraction helpers -----------------------------------------------------------------
     def contract(self, phi: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:

@@ -273,13 +273,20 @@ class ModelFn:
         self._loss_fn = loss.fn
         self.itemsize = torch.empty((), dtype=dtype).element_size()
         self._activations: dict[tuple, tuple[int, int]] = {}
+        self._split = True  # params as one split of the flat vector (ParamSpace.unflatten), until the model refuses
 
     def _call(self, theta_full: torch.Tensor, sel: ParamSpace | None, theta_sel: torch.Tensor | None,
               x: Inputs) -> torch.Tensor:
-        named = self.space.unflatten(theta_full)
+        named = self.space.unflatten(theta_full, split=self._split)
         if sel is not None:
-            named.update(sel.unflatten(theta_sel))
-        return model_io.call(self.model, {**self.constants, **named}, x, self.output)
+            named.update(sel.unflatten(theta_sel, split=self._split))
+        try:
+            return model_io.call(self.model, {**self.constants, **named}, x, self.output)
+        except RuntimeError as e:  # the model changes a weight in place: per-param slices allow it
+            if not self._split or "returns multiple views" not in str(e):
+                raise
+            self._split = False
+            return self._call(theta_full, sel, theta_sel, x)
 
     @classmethod
     def for_run(cls, run: Run, device: torch.device, dtype: torch.dtype) -> ModelFn:
