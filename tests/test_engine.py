@@ -352,3 +352,43 @@ def test_first_rounds_batched_across_steps_agree_with_each_step_alone(toy_run, m
             assert float(abs(a - b).max()) <= 1e-10 * scale, col
         else:
             assert batched[col].to_list() == alone[col].to_list(), col
+
+
+@pytest.mark.parametrize("query", ["kernel on test[*] from train[0..5]", "similarity on test[*]",
+                                   "influence of layer net.0 on test[*] by test, example"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kept_lanes_share_calls_and_agree_with_a_call_per_lane(toy_run, monkeypatch, query, dtype):
+    """Items kept apart on a ReLU model: each lane's φ is the sum of its own rows' gradients. Lanes share a
+    call, their rows padded with rows of weight 0 to the most any of them has; the frames agree to rounding
+    with a backward pass per lane, and calls of several lanes with unequal rows did happen."""
+    from explaind_ql.engine import kernels
+    from explaind_ql.engine.model_fn import Path
+    path = toy_run("mlp", "adamw", dtype, act="relu", steps=STEPS)
+    monkeypatch.setattr(kernels, "ROWS_APART", 0)  # the toy's lanes have few rows: take their φ by lanes anyway
+    monkeypatch.setattr(kernels, "PADDED_SHARE", 0.0)  # and let any lanes share a call, padded
+    shared: list[tuple[int, bool]] = []  # (lanes in the call, whether it held padding)
+    gradient = Path.gradient
+
+    def counted(self, sel, target, ts, weights, *args):
+        if ts.dim() == 2:
+            shared.append((ts.shape[0], bool((weights == 0).any())))
+        return gradient(self, sel, target, ts, weights, *args)
+    monkeypatch.setattr(Path, "gradient", counted)
+    batched = eq.open(path).query(query)
+    assert any(n >= 2 for n, _ in shared) and any(pad for _, pad in shared)
+
+    def per_lane(self, path, lanes, rows, rest, row_bytes):
+        out = []
+        for lane in range(lanes.count):
+            k = torch.nonzero(rows.lanes == lane).flatten()
+            out.append(path.gradient(self.sel, lanes.target, rows.ts[k], rows.weights[k], lanes.xs(rows.lanes[k]),
+                                     lanes.y[rows.lanes[k]], tuple(j[k] for j in rows.jumps) if rows.jumps else None,
+                                     rest))
+        return torch.cat(out)
+    monkeypatch.setattr(kernels._Context, "_lane_gradients", per_lane)
+    alone = eq.open(path).query(query)
+    assert batched.columns == alone.columns and batched.height == alone.height
+    floats = [c for c in batched.columns if batched[c].dtype.is_float()]
+    scale = max(float(abs(alone[c].to_numpy()).max()) for c in floats)
+    for col in floats:
+        assert float(abs(batched[col].to_numpy() - alone[col].to_numpy()).max()) <= 1e-10 * scale, col

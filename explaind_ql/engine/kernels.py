@@ -63,6 +63,9 @@ GRADIENT_ROWS_PER_CALL = 32
 # a row; tiny GPT-2 and the paper's model)
 ROWS_APART = 8
 JVP_MAX_TANGENTS = 16
+# lanes kept apart share a call of their φ's gradients when each has at least this share of the rows of the call's
+# largest (the others' rows are padded to it)
+PADDED_SHARE = 0.75
 # a projection row is evaluated from its own gradient (weight gradients and all: _Context._gradient_rows) only
 # where its activations outweigh the params this many times; below, the weight gradients dominate (tiny GPT-2:
 # a 10-sequence row is 21× its 28k params, a 1-sequence row 2×: `check` 3.8–4.2 s as projections, 6.2 s as
@@ -651,7 +654,49 @@ class _Context:
                        for k in pick.split(per))
         if one:
             return of(everything)
-        return torch.cat([of(everything[rows.lanes == lane]) for lane in range(lanes.count)])
+        return self._lane_gradients(path, lanes, rows, rest, row_bytes)
+
+    def _lane_gradients(self, path: Path, lanes: Lanes, rows: quadrature.Rows, rest: torch.Tensor | None,
+                        row_bytes: float) -> torch.Tensor:
+        """(L·C, P_sel[+1]) each kept lane's share of φ from its rows, several lanes in one call (a lane's own
+        call per lane paid a call's fixed cost each: 32 one-item lanes of the paper's model, 19 ms a lane).
+
+        A call's lanes have their rows padded with rows of weight 0 to the most any of them has, so lanes go
+        into calls in order of their row counts, each call's fewest at least :data:`PADDED_SHARE` of its most.
+        """
+        L, dev = lanes.count, rows.ts.device
+        counts = torch.bincount(rows.lanes, minlength=L)
+        order = torch.argsort(rows.lanes, stable=True)
+        slot = torch.arange(len(order), device=dev) - (torch.cumsum(counts, 0) - counts)[rows.lanes[order]]
+        pick = torch.full((L, int(counts.max())), -1, dtype=torch.long, device=dev)
+        pick[rows.lanes[order], slot] = order
+        real = pick >= 0
+        pick = pick.clamp_min(0)
+
+        def padded(v: torch.Tensor, k: torch.Tensor, width: int) -> torch.Tensor:  # rows of lanes k, 0 in the padding
+            mask = real[k, :width]
+            return v[pick[k, :width]] * mask.view(*mask.shape, *[1] * (v.dim() - 1)).to(v.dtype)
+        C, P = lanes.targets_per_lane(self.T), self.sel.size + (rest is not None)
+        budget = self.req.call_bytes
+        calls, lane_order = [], torch.argsort(counts, descending=True, stable=True).tolist()
+        while lane_order:  # the most rows first; a call ends where the padding or the bytes would grow too large
+            width = int(counts[lane_order[0]])
+            take = 1
+            while (take < len(lane_order) and int(counts[lane_order[take]]) >= PADDED_SHARE * width
+                   and (take + 1) * (width * row_bytes + 2 * C * P * self.eng.fn.itemsize) <= budget):
+                take += 1
+            calls.append((torch.tensor(lane_order[:take], device=dev), width))
+            lane_order = lane_order[take:]
+        out = torch.empty(L, C, P, dtype=self.eng.dtype, device=dev)
+        for k, width in calls:
+            jumps = None
+            if rows.jumps:  # a padding row's jumps weigh nothing either: weight, tail and share 0
+                w, tail, share, side = rows.jumps
+                jumps = (padded(w, k, width), padded(tail, k, width), padded(share, k, width), side[pick[k, :width]])
+            lane = k[:, None].expand(-1, width)
+            out[k] = path.gradient(self.sel, lanes.target, rows.ts[pick[k, :width]], padded(rows.weights, k, width),
+                                   lanes.xs(lane), lanes.y[lane], jumps, rest)
+        return out.flatten(0, 1)
 
     def _row_gradients(self, path: Path, lanes: Lanes, rows: quadrature.Rows) -> torch.Tensor:
         """(m, C, P_sel) each row's weighted gradient (its kink jumps with it), rows of every lane in calls

@@ -447,15 +447,18 @@ class Path:
         whose weights are the jumps' own). With ``rest`` (a full-length direction, zero on the selection:
         the step's Δθ of the other params) one more column, (C, P_sel + 1): the targets' derivative along
         it, so that the selection's rule can be held to the exact change of the targets.
+
+        With ``ts`` (L, R) and the other row arguments likewise (L, R, ...), the sums of L sets of R rows
+        apart, (L, C, P_sel[+1]): a backward pass per set, all in one batched call (rows of weight 0 pad a set).
         """
         idx = self.fn.space.element_index(sel).to(self.theta.device)
         moved = self.fn.space.unflatten(self.delta)
 
-        def total(th_sel: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        def total(th_sel: torch.Tensor, a: torch.Tensor, ts, x, y, weights, *jumps) -> torch.Tensor:
             full = self.theta.index_put((idx,), th_sel)
             if rest is not None:
                 full = full + a * rest
-            named = self.fn.space.unflatten(full)
+            named = self.fn.space.unflatten(full, split=True)
             info = {id(w): (0, moved[n], None) for n, w in named.items()}
 
             def row(t, xi, yi, c, *jump):
@@ -464,9 +467,13 @@ class Path:
                         return target(model_io.call(self.fn.model, {**self.fn.constants, **named}, xi, self.fn.output),
                                       yi)
                 return c * value() if not jump else _with_jumps(value, jump)
-            return vmap(row)(ts, x, y, weights, *(jumps or ())).sum(0)
-        j_sel, j_rest = jacrev(total, argnums=(0, 1))(self.theta[idx], self.theta.new_zeros(()))
-        return j_sel if rest is None else torch.cat([j_sel, j_rest[:, None]], -1)
+            return vmap(row)(ts, x, y, weights, *jumps).sum(0)
+        rows = (ts, x, y, weights, *(jumps or ()))
+        of = jacrev(total, argnums=(0, 1))
+        if ts.dim() == 2:
+            of = vmap(of, in_dims=(None, None) + (0,) * len(rows))
+        j_sel, j_rest = of(self.theta[idx], self.theta.new_zeros(()), *rows)
+        return j_sel if rest is None else torch.cat([j_sel, j_rest[..., None]], -1)
 
     def values(self, target: Callable, ts: torch.Tensor, x: Inputs, y: torch.Tensor) -> torch.Tensor:
         """(m, C) target values of each row's lane at its t (no derivative)."""
