@@ -343,6 +343,7 @@ class Memo:
     values: dict[Row, torch.Tensor] = field(default_factory=dict)
     ends: dict[Row, torch.Tensor] = field(default_factory=dict)
     grads: dict[Row, torch.Tensor] = field(default_factory=dict)
+    slopes: dict[Row, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # ReLU inputs, d/dt
 
     @staticmethod
     def rows(table: dict[Row, torch.Tensor], ts: torch.Tensor, lanes: torch.Tensor) -> torch.Tensor | None:
@@ -351,6 +352,16 @@ class Memo:
         if not keys or any(k not in table for k in keys):
             return None
         return torch.stack([table[k] for k in keys])
+
+    def serve_pairs(self, table: dict[Row, tuple[torch.Tensor, torch.Tensor]],
+                    compute: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> Callable[..., tuple[torch.Tensor, ...]]:
+        """:meth:`serve` for a computation of two tensors per row (the ReLU inputs and their t-derivatives)."""
+        firsts, seconds = ({k: v[j] for k, v in table.items()} for j in (0, 1))
+
+        def look(ts: torch.Tensor, lanes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            known = self.rows(firsts, ts, lanes)
+            return compute(ts, lanes) if known is None else (known, self.rows(seconds, ts, lanes))
+        return look
 
     def serve(self, table: dict[Row, torch.Tensor], compute: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """``compute(ts, lanes, *extra)``, answered from ``table`` where it holds every row asked for."""
@@ -497,9 +508,11 @@ class _Context:
         """The request's target vector from every lane's targets: summed over lanes, or laid end to end."""
         return lane_values.sum(0) if self.lanes.summed else lane_values.reshape(-1)
 
-    def _lane_sets(self, path: Path) -> list[tuple[Lanes, float, Callable[[torch.Tensor], torch.Tensor]]]:
-        """This step's lanes, each with its share of the error budget and how its lanes' targets are read
-        from all lanes' (L, C) targets.
+    def _lane_sets(self, path: Path) -> tuple[list[tuple[Lanes, float, Callable[[torch.Tensor], torch.Tensor]]],
+                                              tuple[torch.Tensor, torch.Tensor] | None]:
+        """This step's lanes, each with its share of the error budget and how its lanes' values are read from
+        all lanes' ((L, C) targets, (L, U) ReLU inputs); and, where they were evaluated to tell the sets
+        apart, every lane's ReLU inputs and their t-derivatives at the step's ends, (2, L, U) each.
 
         An item none of whose live ReLU inputs changes sign over the step has a smooth integrand
         there. Such items join one lane again, integrated by the plain rule: one gradient of their
@@ -508,20 +521,23 @@ class _Context:
         """
         lanes = self.lanes
         if not self.joinable or lanes.count < 2:
-            return [(lanes, 1.0, _same)]
+            return [(lanes, 1.0, _same)], None
         x = model_io.apply(lanes.x, lambda t: t[None, :, 0].expand(2, *t[:, 0].shape))
         z, d = path.slopes(torch.tensor([0.0, 1.0], dtype=self.eng.dtype, device=self.eng.device), x)
-        crossing = quadrature.locate_kinks(z[0], z[1], d[0], d[1]).sign != 0  # each call's inputs, item-major
-        calls = [c.view(lanes.count, -1) for c in crossing.split(tuple(lanes.count * s for s in lanes.segments))]
-        live = lanes.live.split(lanes.segments, 1)
-        kinked = sum((c & v).any(1) for c, v in zip(calls, live)) > 0
+
+        def per_lane(v: torch.Tensor) -> torch.Tensor:  # (2, U·L) of each call's inputs, item-major → (2, L, U)
+            return torch.cat([c.unflatten(1, (lanes.count, -1))
+                              for c in v.split(tuple(lanes.count * s for s in lanes.segments), 1)], 2)
+        ends = per_lane(z), per_lane(d)
+        crossing = quadrature.locate_kinks(ends[0][0], ends[0][1], ends[1][0], ends[1][1]).sign != 0  # (L, U)
+        kinked = (crossing & lanes.live).any(1)
         if lanes.count - int(kinked.sum()) < 2:
-            return [(lanes, 1.0, _same)]
+            return [(lanes, 1.0, _same)], ends
         share = 1 - float(kinked.float().mean())
         smooth = lanes.joined(~kinked, self.joint_target)
         self.joined_items += model_io.count(smooth.xs(0))
         return [(smooth, share, lambda v: v[~kinked].sum(0, keepdim=True))] + (
-            [(lanes.subset(kinked), 1 - share, lambda v: v[kinked])] if bool(kinked.any()) else [])
+            [(lanes.subset(kinked), 1 - share, lambda v: v[kinked])] if bool(kinked.any()) else []), ends
 
     def _integrate(self, rec: StepRecord, path: Path, at_rows, along, spread, error, row_bytes, cat_dim: int,
                    finish=None, memo: Memo | None = None, values=None) -> torch.Tensor:
@@ -533,12 +549,17 @@ class _Context:
         lanes)``, where given, evaluates those lanes' plain rows instead of ``at_rows``.
         """
         out = 0
-        for lanes, share, pick in self._lane_sets(path):
+        sets, slopes = self._lane_sets(path)
+        for lanes, share, pick in sets:
             own = memo if lanes is self.lanes and memo is not None else Memo()
             if self.budget is not None:  # the exact change's ends, from the stored states
                 for t, v in ((0.0, self._at_state(rec.s, rec.theta)), (1.0, self._at_state(rec.s + 1, rec.theta_next))):
                     for lane, end in enumerate(pick(v)):
                         own.ends.setdefault((t, lane), end)
+            if slopes is not None and lanes.segments:  # the ReLU inputs at the ends, from the lane sets' own
+                for e, t in enumerate((0.0, 1.0)):
+                    for lane, zd in enumerate(zip(pick(slopes[0][e]), pick(slopes[1][e]))):
+                        own.slopes[(t, lane)] = zd
             part = self._integrate_lanes(rec, lanes, path, partial(at_rows, lanes.target), along, spread, error,
                                          row_bytes(lanes), cat_dim, None if self.budget is None else self.budget * share,
                                          finish is not None, own, values if lanes is self.lanes else None)
@@ -574,6 +595,8 @@ class _Context:
         values = values or partial(rows, per_call, at_rows)
         if memo is not None:
             values, f_at = memo.serve(memo.values, values), memo.serve(memo.ends, f_at)
+            if slopes is not None and memo.slopes:
+                slopes = memo.serve_pairs(memo.slopes, slopes)
         integrand = quadrature.Integrand(values, along, error, lanes.count, cat_dim,
                                          f_at, slopes, spread, jumped, lanes.segments, lanes.live)
         return quadrature.integrate(integrand, self.req.nodes, budget, rec.s, self.qstats, self.eng.dtype,
