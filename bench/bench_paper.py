@@ -36,7 +36,7 @@ QUERIES = [
     ("by layer, step (dense)", "dense", "influence on test[0..99] by layer, step", "2 nodes"),
     ("by layer, step (checkpointed)", "ckpt", "influence on test[0..99] by layer, step", "2 nodes + replay"),
     ("by example", "dense", "influence on test[0..99] by example", "2 nodes + JVP"),
-    ("check", "dense", "check on test[0..99]", "2 nodes"),
+    ("check", "dense", "check on test[0..99]", "2 nodes + replay"),  # check rebuilds each update: a full-batch gradient
     ("kernel test[0..31] × train[0..127]", "dense", "kernel on test[0..31] from train[0..127]", "2 nodes + JVP"),
     ("similarity on 32 items", "dense", "similarity on test[0..31]", "2 nodes"),
 ]
