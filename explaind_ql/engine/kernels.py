@@ -23,10 +23,12 @@ per-example gradients do not rebuild (a float32 recording's rounding), so that t
 still sum to the real change. ``check`` asks for it directly (``Request.rebuild``).
 
 On the test side each step's path integral is refined on its own (quadrature.integrate). On
-smooth models the first round of several steps (each lane's nodes, the targets at each step's
-ends) is evaluated first, in batched calls across the steps (``_Context._prefetch``): on small
-models a call's cost is mostly fixed, and most smooth steps need nothing more. φ's rows are
-evaluated as gradients and kept, so φ is its rule's weighted sum of them, with no second pass.
+smooth models the first round of several steps (each lane's nodes, the targets at the stored
+states they start and end at) is evaluated first, in batched calls across the steps
+(``_Context._prefetch``): on small models a call's cost is mostly fixed, and most smooth steps
+need nothing more. φ's rows are evaluated as gradients and kept, so φ is its rule's weighted sum
+of them, with no second pass. Each stored state's targets are evaluated once a request, for the
+exact change of the steps on both sides of it and for ``check_step``.
 """
 
 from __future__ import annotations
@@ -336,9 +338,10 @@ class ProjectVecs:
 
 @dataclass
 class Memo:
-    """One step's rows evaluated already, keyed by (t, lane): its first round, beside other steps' rows in
-    batched calls (:meth:`_Context._prefetch`: the integrand's row values and the targets' exact values at
-    the step's ends), and, for φ, the gradient of every row its rule evaluated (:meth:`_Context._gradient_rows`)."""
+    """One step's rows evaluated already, keyed by (t, lane): its first round's row values, beside other steps'
+    rows in batched calls (:meth:`_Context._prefetch`); the targets at its ends (the stored states',
+    :meth:`_Context._at_state`) and, on ReLU models, the ReLU inputs there (:meth:`_Context._lane_sets`); and,
+    for φ, the gradient of every row its rule evaluated (:meth:`_Context._gradient_rows`)."""
 
     values: dict[Row, torch.Tensor] = field(default_factory=dict)
     ends: dict[Row, torch.Tensor] = field(default_factory=dict)
@@ -843,8 +846,8 @@ class _Context:
             yield block
 
     def _prefetch(self, block: list[StepRecord], vecs: list[torch.Tensor] | None = None) -> None:
-        """The first-round rows of every step of ``block`` (each lane's n nodes over the whole step, and
-        its targets' exact values at the step's ends), evaluated in calls across the steps and kept in
+        """The first-round rows of every step of ``block`` (each lane's n nodes over the whole step, and the
+        targets at the stored states the steps start and end at), evaluated in calls across the steps and kept in
         :attr:`memo` for each step's own integration, which refines from there as before.
 
         On a small model a call costs about as much for 1 row as for 32 (dispatch), and a smooth step

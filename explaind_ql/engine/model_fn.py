@@ -273,19 +273,19 @@ class ModelFn:
         self._loss_fn = loss.fn
         self.itemsize = torch.empty((), dtype=dtype).element_size()
         self._activations: dict[tuple, tuple[int, int]] = {}
-        self._split = True  # params as one split of the flat vector (ParamSpace.unflatten), until the model refuses
+        self.split_params = True  # params as one split of the flat vector (ParamSpace.unflatten), until the model refuses
 
     def _call(self, theta_full: torch.Tensor, sel: ParamSpace | None, theta_sel: torch.Tensor | None,
               x: Inputs) -> torch.Tensor:
-        named = self.space.unflatten(theta_full, split=self._split)
+        named = self.space.unflatten(theta_full, split=self.split_params)
         if sel is not None:
-            named.update(sel.unflatten(theta_sel, split=self._split))
+            named.update(sel.unflatten(theta_sel, split=self.split_params))
         try:
             return model_io.call(self.model, {**self.constants, **named}, x, self.output)
         except RuntimeError as e:  # the model changes a weight in place: per-param slices allow it
-            if not self._split or "returns multiple views" not in str(e):
+            if not self.split_params or "returns multiple views" not in str(e):
                 raise
-            self._split = False
+            self.split_params = False
             return self._call(theta_full, sel, theta_sel, x)
 
     @classmethod
@@ -458,7 +458,7 @@ class Path:
             full = self.theta.index_put((idx,), th_sel)
             if rest is not None:
                 full = full + a * rest
-            named = self.fn.space.unflatten(full, split=True)
+            named = self.fn.space.unflatten(full, split=self.fn.split_params)
             info = {id(w): (0, moved[n], None) for n, w in named.items()}
 
             def row(t, xi, yi, c, *jump):
