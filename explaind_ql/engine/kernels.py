@@ -55,8 +55,10 @@ from .trajectory import StepRecord, Trajectory
 STRATEGIES = ("delta", "project", "fold", "momentum")
 # rows of one batched call at most. A kink-corrected call on the paper's model took 13.6–17 ms for 1–16 rows,
 # 21–24 for 32, 30 for 48, 39–60 for 64: its fixed cost is amortised by 32, but a step's rows come in fewer
-# calls with more: `by layer, step` on steps 1:4 of the paper run took 6.0–7.0 s at 32 rows, 3.2–3.8 s at 128
-ROWS_PER_CALL = 128
+# calls with more: `by layer, step` on steps 1:4 of the paper run took 6.0–7.0 s at 32 rows, 3.2–3.8 s at 128;
+# on 40 steps 12.5–12.6 s at 128, 11.0–11.7 at 256, 10.2–10.8 at 384, 10.5 at 512, 11.1 at 768 (the same
+# peak memory: calls are bounded by CALL_BYTES too); check, by example, kernel and similarity gained 2–17 %
+ROWS_PER_CALL = 384
 # ... and of a call of rows' own gradients (each with its own params and weight gradients): tiny GPT-2's
 # `kernel`, 40 steps, took 5.4–6.6 s at 32 rows a call, 7.0–7.3 s at 128
 GRADIENT_ROWS_PER_CALL = 32
