@@ -351,24 +351,16 @@ class Memo:
     slopes: dict[Row, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # ReLU inputs, d/dt
 
     @staticmethod
-    def rows(table: dict[Row, torch.Tensor], ts: torch.Tensor, lanes: torch.Tensor) -> torch.Tensor | None:
-        """The rows asked for, stacked, when ``table`` holds every one of them."""
+    def rows(table: dict, ts: torch.Tensor, lanes: torch.Tensor):
+        """The rows asked for, stacked (each of a pair apart), when ``table`` holds every one of them."""
         keys = list(zip(ts.tolist(), lanes.tolist()))
         if not keys or any(k not in table for k in keys):
             return None
+        if isinstance(table[keys[0]], tuple):
+            return tuple(torch.stack(part) for part in zip(*(table[k] for k in keys)))
         return torch.stack([table[k] for k in keys])
 
-    def serve_pairs(self, table: dict[Row, tuple[torch.Tensor, torch.Tensor]],
-                    compute: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> Callable[..., tuple[torch.Tensor, ...]]:
-        """:meth:`serve` for a computation of two tensors per row (the ReLU inputs and their t-derivatives)."""
-        firsts, seconds = ({k: v[j] for k, v in table.items()} for j in (0, 1))
-
-        def look(ts: torch.Tensor, lanes: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            known = self.rows(firsts, ts, lanes)
-            return compute(ts, lanes) if known is None else (known, self.rows(seconds, ts, lanes))
-        return look
-
-    def serve(self, table: dict[Row, torch.Tensor], compute: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def serve(self, table: dict, compute: Callable) -> Callable:
         """``compute(ts, lanes, *extra)``, answered from ``table`` where it holds every row asked for."""
         def look(ts: torch.Tensor, lanes: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
             known = None if extra else self.rows(table, ts, lanes)
@@ -391,7 +383,6 @@ class _Context:
         x, y = eng.split(req.target.split)
         items = torch.tensor(req.target.items, device=dev)
         self.x_items = model_io.apply(x, lambda t: t[items])
-        self.target_fn = targets.make(req.target, y[items], eng.run.loss)
         # quadrature lanes: each test item on its own when items are kept, or when the model has ReLU
         # kinks (aggregated targets are then summed afterwards, and each step joins the items without
         # kinks into one lane again: _lane_sets); else one lane of all items, which takes one gradient
@@ -442,7 +433,7 @@ class _Context:
         self.budget = self._quad_budget()
         # (kind, step) → the first-round rows of that step's integration, evaluated with other steps' (_prefetch)
         self.memo: dict[tuple[str, int], Memo] = {}
-        self.states: dict[int, torch.Tensor] = {}  # stored state s → every lane's targets there (_at_state)
+        self.states: dict[int, torch.Tensor] = {}  # stored state s → every lane's targets there (_states_at)
 
     # -- test side ---------------------------------------------------------------------------
     def _quad_budget(self) -> torch.Tensor | None:
@@ -455,14 +446,12 @@ class _Context:
         a, b = req.window or (req.a, req.b)
         lo = run.ckpt_at_or_before(a)
         hi = min(len(run.ckpt_states) - 1, int(torch.searchsorted(torch.as_tensor(run.ckpt_states), b)))
-        f = [self._f(run.stored_state(p)[0].to(self.eng.device, self.eng.dtype)) for p in (lo, hi)]
+        f = self._targets(self._lane_values(torch.stack([run.stored_state(p)[0].to(self.eng.device, self.eng.dtype)
+                                                         for p in (lo, hi)])))
         scale = torch.maximum((f[1] - f[0]).abs(), CHANGE_FLOOR * (1 + f[0].abs()))
         # below a few roundings of F the exact-change check measures noise, not quadrature error
         noise = 16 * torch.finfo(self.eng.dtype).eps * (1 + f[0].abs() + f[1].abs())
         return torch.maximum(req.tolerance * scale / max(1, b - a), noise)
-
-    def _f(self, theta: torch.Tensor) -> torch.Tensor:
-        return self.target_fn(self.eng.fn.forward(theta, self.x_items))
 
     def walk(self, a: int, b: int):
         """The trajectory's records, timing how long reading and replaying take."""
@@ -501,17 +490,32 @@ class _Context:
         x = self.lanes.xs((slice(0, 2), 0))
         return self.eng.fn.kink_segments(self.eng.theta0, x) == tuple(2 * s for s in self.lanes.segments)
 
+    def _lane_values(self, thetas: torch.Tensor) -> torch.Tensor:
+        """(n, L, C) every lane's targets at each of the params ``thetas`` (n, P): a forward pass of all items
+        for each, in calls across them (where each lane's own would take L)."""
+        fn = self.eng.fn
+        per = max(1, int(self.req.call_bytes // (4 * fn.itemsize * self.lanes.count * max(1, self._activations(self.lanes)[1]))))
+        out = [fn.values_at(lambda o, _: self.lane_targets(o), thetas[k],
+                            model_io.apply(self.x_items, lambda t: t.expand(len(k), *t.shape)), thetas.new_zeros(len(k)))
+               for k in torch.arange(len(thetas), device=thetas.device).split(per)]
+        return torch.cat(out).view(len(thetas), self.lanes.count, -1)
+
+    def _states_at(self, want: dict[int, torch.Tensor]) -> None:
+        """Every lane's targets at the stored states ``want`` (s → θ_s) not evaluated yet, kept in :attr:`states`:
+        each is the exact change's end of step s − 1 and its start of step s, for the quadrature (its lanes'
+        ``f_at`` at t = 0 and 1) and :meth:`check_step` alike, evaluated once."""
+        todo = [(s, th) for s, th in want.items() if s not in self.states]
+        if todo:
+            self.states.update(zip((s for s, _ in todo), self._lane_values(torch.stack([th for _, th in todo]))))
+
     def _at_state(self, s: int, theta: torch.Tensor) -> torch.Tensor:
-        """(L, C) every lane's targets at the stored state θ_s, evaluated once: they are the exact change's end
-        of step s − 1 and its start of step s, for the quadrature (its lanes' ``f_at`` at t = 0 and 1) and
-        :meth:`check_step` alike. One forward pass of the items, where each lane's own would take L."""
-        if s not in self.states:
-            self.states[s] = self.lane_targets(self.eng.fn.forward(theta, self.x_items)).view(self.lanes.count, -1)
+        """(L, C) every lane's targets at the stored state θ_s (:meth:`_states_at`)."""
+        self._states_at({s: theta})
         return self.states[s]
 
     def _targets(self, lane_values: torch.Tensor) -> torch.Tensor:
-        """The request's target vector from every lane's targets: summed over lanes, or laid end to end."""
-        return lane_values.sum(0) if self.lanes.summed else lane_values.reshape(-1)
+        """The request's target vectors from every lane's targets (..., L, C): summed over lanes, or laid end to end."""
+        return lane_values.sum(-2) if self.lanes.summed else lane_values.flatten(-2)
 
     def _lane_sets(self, path: Path) -> tuple[list[tuple[Lanes, float, Callable[[torch.Tensor], torch.Tensor]]],
                                               tuple[torch.Tensor, torch.Tensor] | None]:
@@ -600,8 +604,8 @@ class _Context:
         values = values or partial(rows, per_call, at_rows)
         if memo is not None:
             values, f_at = memo.serve(memo.values, values), memo.serve(memo.ends, f_at)
-            if slopes is not None and memo.slopes:
-                slopes = memo.serve_pairs(memo.slopes, slopes)
+            if slopes is not None:
+                slopes = memo.serve(memo.slopes, slopes)
         integrand = quadrature.Integrand(values, along, error, lanes.count, cat_dim,
                                          f_at, slopes, spread, jumped, lanes.segments, lanes.live)
         return quadrature.integrate(integrand, self.req.nodes, budget, rec.s, self.qstats, self.eng.dtype,
@@ -878,27 +882,10 @@ class _Context:
             memos = [self.memo.setdefault(("phi" if vecs is None else "proj", rec.s), Memo()) for rec, _ in part]
             self.prefetched += len(part)
             self._prefetch_rows(part, memos, sel, groups, vecs is None)
-        if self.budget is not None:
-            self._prefetch_states([rec for rec, _ in todo])
+        if self.budget is not None:  # the targets at every stored state the steps start or end at
+            self._states_at({s: th for rec, _ in todo for s, th in ((rec.s, rec.theta), (rec.s + 1, rec.theta_next))})
         self.seconds["test"] += time.perf_counter() - t0
         self.grown["test"] = max(self.grown["test"], _rss() - rss0)
-
-    def _prefetch_states(self, recs: list[StepRecord]) -> None:
-        """:meth:`_at_state` of every stored state that the steps of ``recs`` start or end at, in calls across them."""
-        fn, want = self.eng.fn, {}
-        for rec in recs:
-            want.setdefault(rec.s, rec.theta)
-            want.setdefault(rec.s + 1, rec.theta_next)
-        todo = [(s, th) for s, th in want.items() if s not in self.states]
-        if len(todo) < 2:
-            return
-        points = torch.stack([th for _, th in todo])
-        per = max(1, int(self.req.call_bytes // (4 * fn.itemsize * self.lanes.count * max(1, self._activations(self.lanes)[1]))))
-        for k in torch.arange(len(todo), device=points.device).split(per):
-            x = model_io.apply(self.x_items, lambda t: t.expand(len(k), *t.shape))
-            out = fn.values_at(lambda o, _: self.lane_targets(o), points[k], x, points.new_zeros(len(k)))
-            for j, v in zip(k.tolist(), out):
-                self.states[todo[j][0]] = v.view(self.lanes.count, -1)
 
     def _prefetch_rows(self, part: list[tuple[StepRecord, torch.Tensor]], memos: list[Memo], sel: ParamSpace,
                        groups: Groups, phi: bool) -> None:
