@@ -11,10 +11,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+import psutil
 import torch
 
 PHI_CACHE_BYTES = 256 << 20
-REPLAY_CACHE_BYTES = 512 << 20
+REPLAY_CACHE_MIN_BYTES = 512 << 20
+
+
+def replay_cache_bytes() -> int:
+    """Replayed states an open run keeps: an eighth of the machine's memory, at least 512 MiB.
+
+    A query that walks a checkpointed run replays each skipped state it does not find kept; the paper's
+    grokking run skips 1,980 states of 1.07 MB, so at a fixed 512 MiB every whole-run query of a script
+    replayed all of them again (160 s each on 2 cores).
+    """
+    return max(REPLAY_CACHE_MIN_BYTES, psutil.virtual_memory().total // 8)
 
 
 class TensorCache(OrderedDict):
@@ -71,7 +82,7 @@ class RunCache:
 
     engines: dict[tuple[str, torch.dtype], Any] = field(default_factory=dict)  # execute.engine_for
     phi: TensorCache = field(default_factory=lambda: TensorCache(PHI_CACHE_BYTES))  # test-side features
-    replay: TensorCache = field(default_factory=lambda: TensorCache(REPLAY_CACHE_BYTES))  # replayed states
+    replay: TensorCache = field(default_factory=lambda: TensorCache(replay_cache_bytes()))  # replayed states
     drift: dict[int, Any] = field(default_factory=dict)  # replay drift at each stored state reached
     last_stats: dict = field(default_factory=dict)  # the last influence result's stats
     model_facts: dict | None = None  # engine.facts: what planning reads of the model (outputs, ReLU sites)

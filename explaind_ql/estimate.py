@@ -23,7 +23,7 @@ import torch
 from . import model_io
 from .engine import budget as engine_budget
 from .engine.facts import Facts
-from .cache import PHI_CACHE_BYTES, REPLAY_CACHE_BYTES
+from .cache import PHI_CACHE_BYTES, replay_cache_bytes
 from .engine.kernels import Engine, Request
 from .plan import Plan
 from .run import Run
@@ -149,7 +149,7 @@ def of_plan(run: Run, engine: Engine, plan: Plan, facts: Facts) -> Estimate:
     # resident growth: the warm-up's beyond a sampled step's is once per process; a step's own, the caches'
     # share of every step (to their caps) and the answer are the query's
     step_bytes = max(grown[1:] if warm_up is not None else grown)
-    kept = min(n * steps * sum(cached[-len(runs):]) / len(runs), PHI_CACHE_BYTES + REPLAY_CACHE_BYTES)
+    kept = min(n * steps * sum(cached[-len(runs):]) / len(runs), PHI_CACHE_BYTES + replay_cache_bytes())
     steady_bytes = int(step_bytes + kept + engine_budget.answer(facts, plan.request).bytes)
     one_off_bytes = max(0, grown[0] - step_bytes) if warm_up is not None else 0
     shown = ", ".join(str(s) if e - s == 1 else f"{s}–{e - 1}" for s, e in spans[len(spans) - len(runs):])

@@ -91,3 +91,27 @@ def test_the_budget_holds_the_caches_a_query_grows(run_path):
     assert run.cache.phi.max_bytes == PHI_CACHE_BYTES  # the cap is the query's; later queries cache as before
     key = ["test", "example", "term"]
     assert held.sort(key)["influence"].to_list() == pytest.approx(free.sort(key)["influence"].to_list(), rel=1e-9, abs=1e-15)
+
+
+@pytest.mark.parametrize("total_gib, kept_gib", [(64, 8), (24, 3), (2, 0.5)])
+def test_an_open_run_keeps_replayed_states_by_the_machine_s_memory(toy_run, monkeypatch, total_gib, kept_gib):
+    """Replayed states are kept up to an eighth of the machine's memory (at least 512 MiB), so that a script's
+    whole-run queries on a checkpointed run replay each skipped state once; a second query replays none."""
+    import collections
+
+    import psutil
+
+    from explaind_ql import cache
+    memory = collections.namedtuple("memory", "total available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(int(total_gib * 2 ** 30), int(total_gib * 2 ** 29)))
+    assert cache.RunCache().replay.max_bytes == int(kept_gib * 2 ** 30)
+    run = eq.open(toy_run("mlp", "adamw", steps=12, checkpoint_every=5))
+    first = run.query("influence on test[*] by layer")
+    replayed = run.cache.replay.bytes
+    assert list(run.ckpt_states) == [0, 5, 10, 12]
+    assert replayed > 0 and len(run.cache.replay) == 13 - 4  # every state of the 12 steps but the stored ones
+    eng = next(iter(run.cache.engines.values()))
+    before = eng.traj.replayed_steps
+    again = run.query("influence on test[*] by layer, step")
+    assert eng.traj.replayed_steps == before  # all found kept
+    assert again["influence"].sum() == pytest.approx(first["influence"].sum(), rel=1e-9)

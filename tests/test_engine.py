@@ -294,16 +294,25 @@ def test_a_fixed_rule_reports_its_error_as_not_adaptive(toy_run):
 @pytest.mark.parametrize("strategy", ["project", "fold"])
 def test_relu_items_without_kinks_join_one_lane_and_agree_with_their_own_lanes(toy_run, monkeypatch, strategy):
     """Items none of whose live ReLU inputs cross zero in a step are integrated together, by the plain
-    rule on their summed target; the terms agree with every item on its own lane, to the tolerance, and
-    the residual is still met."""
-    from explaind_ql.engine import kernels
+    rule on their summed target, starting at the kinked rule's nodes; the terms agree with every item on
+    its own lane, to the tolerance, and the residual is still met."""
+    from explaind_ql.engine import kernels, quadrature
     run = eq.open(toy_run("transformer", "adamw", act="relu", steps=STEPS))
     tol = 1e-8
     req = request(run, by="param", keep_test=False, tolerance=tol, strategy=strategy,
                   **({"examples": tuple(range(run.split_size("train")))} if strategy == "fold" else {}))
+    plain_nodes = []  # the nodes each kink-free lane's rule starts at
+    integrate = quadrature.integrate
+
+    def logged(fn, n, *args, **kwargs):
+        if fn.jumped is None:
+            plain_nodes.append(n)
+        return integrate(fn, n, *args, **kwargs)
+    monkeypatch.setattr(quadrature, "integrate", logged)
     joined = Engine(run).run_request(req)
     n_items = len(req.target.items)
     assert 0 < joined.stats["joined_items"] < n_items * STEPS  # some item-steps joined, some kinked ones did not
+    assert plain_nodes and set(plain_nodes) == {quadrature.KINKED_NODES} != {req.nodes}
     run.cache.clear()
     monkeypatch.setattr(kernels._Context, "_joinable", lambda self: False)
     apart = Engine(run).run_request(req)
