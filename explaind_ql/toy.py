@@ -42,13 +42,13 @@ def toy_data(kind: str, dtype: torch.dtype, seed: int = 0):
     return x[:16], y[:16], x[16:], y[16:]
 
 
-def toy_optimizer(kind: str, model: torch.nn.Module):
-    """Two param groups (first tensor vs the rest) with their own hyperparameters."""
+def toy_optimizer(kind: str, model: torch.nn.Module, betas: tuple[float, float] = (0.9, 0.98)):
+    """Two param groups (first tensor vs the rest) with their own hyperparameters (``betas``: AdamW's)."""
     params = [p for p in model.parameters() if p.requires_grad]
     g1, g2 = params[:1], params[1:]
     if kind == "adamw":
         return torch.optim.AdamW([{"params": g1}, {"params": g2, "lr": 5e-3, "weight_decay": 0.3}],
-                                 lr=1e-2, betas=(0.9, 0.98), weight_decay=1.0)
+                                 lr=1e-2, betas=betas, weight_decay=1.0)
     if kind == "adam":
         return torch.optim.Adam([{"params": g1}, {"params": g2, "lr": 5e-3, "betas": (0.8, 0.99)}],
                                 lr=1e-2, weight_decay=0.05)
@@ -60,13 +60,13 @@ def toy_optimizer(kind: str, model: torch.nn.Module):
 
 def record_toy(path: str | Path, model: str = "mlp", optimizer: str = "adamw", dtype=torch.float64,
                steps: int = 12, checkpoint_every: int | None = None, act: str = "gelu", seed: int = 0,
-               clip: float = 1.0, batch: int = 5) -> Path:
+               clip: float = 1.0, batch: int = 5, betas: tuple[float, float] = (0.9, 0.98)) -> Path:
     """Train a toy model for ``steps`` mini-batch steps and record it; returns the store path."""
     torch.manual_seed(seed)
     factory, kw, net = toy_model(model, act)
     net = net.to(dtype)
     xtr, ytr, xte, yte = toy_data(model, dtype, seed)
-    opt = toy_optimizer(optimizer, net)
+    opt = toy_optimizer(optimizer, net, betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s))
     g = torch.Generator().manual_seed(seed + 1)
     n = len(xtr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import polars as pl
 import pytest
 import torch
 
@@ -401,3 +402,27 @@ def test_kept_lanes_share_calls_and_agree_with_a_call_per_lane(toy_run, monkeypa
     scale = max(float(abs(alone[c].to_numpy()).max()) for c in floats)
     for col in floats:
         assert float(abs(batched[col].to_numpy() - alone[col].to_numpy()).max()) <= 1e-10 * scale, col
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_a_later_window_shares_projections_once_its_carried_momentum_is_below_rounding(toy_run, act):
+    """The momentum carried into a window decays by β1 a step. Once none of it is above ε·max|Δθ|, its projection
+    is within rounding of Δθ's, the step's vectors no longer depend on the window, and a query over a later window
+    takes those steps' projections from one that started at step 0; its terms agree with the same query computed
+    cold, the momentum term too (the steps it is carried on are the same)."""
+    run = eq.open(toy_run("mlp", "adamw", steps=40, betas=(0.1, 0.98), act=act))
+    query = "influence on test[*] over steps 10:40 by layer"
+    cold = run.query(query)
+    assert run.cache.last_stats.get("phi_cache_hits", 0) == 0
+    run.cache.clear()
+    run.query("influence on test[*] by layer, step every 10")
+    warm = run.query(query)
+    hits = run.cache.last_stats.get("phi_cache_hits", 0)
+    assert 5 <= hits < 30  # the last steps of the window are shared, its first ones carry momentum
+    change = abs(float(cold["influence"].sum()))
+    key = ["layer", "term"]
+    c, w = cold.sort(key), warm.sort(key)
+    assert c[key].equals(w[key])
+    momentum = c.filter(pl.col("term") == "momentum")["influence"].abs().sum()
+    assert momentum > 1e-6 * change  # the carried momentum is a term of its own on the window's first steps
+    assert (c["influence"] - w["influence"]).abs().max() <= 2e-6 * change

@@ -331,11 +331,14 @@ Row = tuple[float, int]  # (node t, lane)
 
 @dataclass(frozen=True)
 class ProjectVecs:
-    """A step's vectors for the project strategy (Δθ, decay, then carry and gap where present)."""
+    """A step's vectors for the project strategy (Δθ, decay, then carry and gap where present), and the window
+    start they depend on: None where they do not (:meth:`_Context._project_vecs`), so that queries over other
+    windows share their projections."""
 
     vecs: torch.Tensor
     carry: bool
     gap: bool
+    window: int | None
 
 
 @dataclass
@@ -660,8 +663,8 @@ class _Context:
     def _phi_key(self, rec: StepRecord) -> tuple:
         return ("phi", rec.s)
 
-    def _proj_key(self, rec: StepRecord, vecs: torch.Tensor) -> tuple:
-        return ("proj", rec.s, self.req.a, self.req.group_of_param, len(vecs), self.req.rebuild)
+    def _proj_key(self, rec: StepRecord, pv: ProjectVecs) -> tuple:
+        return ("proj", rec.s, pv.window, self.req.group_of_param, len(pv.vecs), self.req.rebuild)
 
     def _gradient(self, path: Path, lanes: Lanes, rows: quadrature.Rows, rest: torch.Tensor | None,
                   memo: Memo | None = None) -> torch.Tensor:
@@ -784,17 +787,19 @@ class _Context:
         row = self.eng.fn.itemsize * (every + 2 * C * largest + C * self.eng.run.space.size + self.eng.run.space.size)
         return max(1, min(GRADIENT_ROWS_PER_CALL, int(self.req.call_bytes // row)))
 
-    def projections(self, rec: StepRecord, vecs: torch.Tensor) -> torch.Tensor:
-        """(V, G, T): φ_s · (each vector of ``vecs`` restricted to each group), without φ.
+    def projections(self, rec: StepRecord, pv: ProjectVecs) -> torch.Tensor:
+        """(V, G, T): φ_s · (each vector of ``pv.vecs`` restricted to each group), without φ.
 
         ``vecs[0]`` must be Δθ_s restricted to the selection (the exact-change check uses
         it). Every projection is held to the tolerance, not only their sum.
         """
+        vecs = pv.vecs
+
         def integrate() -> torch.Tensor:
             return self._path_integral(rec, vecs, self.req.group_of_param, self.G,
                                        lambda c, f: quadrature.beyond_rounding(f - c, f.abs()).amax(0),
                                        memo=self.memo.pop(("proj", rec.s), None))
-        out = self._cached(self._proj_key(rec, vecs), integrate)
+        out = self._cached(self._proj_key(rec, pv), integrate)
         return out.reshape(len(vecs), self.G, -1)
 
     def _path_integral(self, rec: StepRecord, vecs: torch.Tensor, group_of_param: tuple[int, ...], G: int,
@@ -856,7 +861,7 @@ class _Context:
         if block:
             yield block
 
-    def _prefetch(self, block: list[StepRecord], vecs: list[torch.Tensor] | None = None) -> None:
+    def _prefetch(self, block: list[StepRecord], vecs: list[ProjectVecs] | None = None) -> None:
         """The first-round rows of every step of ``block`` (each lane's n nodes over the whole step, and the
         targets at the stored states the steps start and end at), evaluated in calls across the steps and kept in
         :attr:`memo` for each step's own integration, which refines from there as before.
@@ -878,7 +883,7 @@ class _Context:
                 sel, groups, _, v = self._grouped(rec, rec.delta[self.idx][None], tuple(range(n_phi)), n_phi)
                 todo.append((rec, v))
             elif vecs is not None and self._key(self._proj_key(rec, vecs[i])) not in cache:
-                sel, groups, _, v = self._grouped(rec, vecs[i], self.req.group_of_param, self.G)
+                sel, groups, _, v = self._grouped(rec, vecs[i].vecs, self.req.group_of_param, self.G)
                 todo.append((rec, v))
         if len(todo) < 2:
             return
@@ -991,8 +996,8 @@ class _Context:
                 m_carry = ls.a * m_carry
                 decay = ls.out_coef() * m_wd + ls.direct_coef() * decay_drive - ls.eta * ls.lam_d * th
                 carry = ls.out_coef() * m_carry
-                steps.append((k, rec, ls, decay, carry, self._project_vecs(rec, decay, carry) if project else None))
-            self._prefetch(block, [pv.vecs for *_, pv in steps] if project else None)
+                steps.append((k, rec, ls, decay, carry, self._project_vecs(rec, ls, decay, carry) if project else None))
+            self._prefetch(block, [pv for *_, pv in steps] if project else None)
             for k, rec, ls, decay, carry, pv in steps:
                 self._forward_step(k, rec, ls, decay, carry, pv, per_example, slot, ex_cols, m_ex)
         if req.carry_response:
@@ -1037,17 +1042,26 @@ class _Context:
         contrib = self.contract(phi, x_now)  # (T, E_tracked, G)
         self.grad[bn].index_add_(1, ex_cols, contrib)
 
-    def _project_vecs(self, rec: StepRecord, decay: torch.Tensor, carry: torch.Tensor) -> ProjectVecs:
-        """A step's vectors for the project strategy: Δθ, its decay, its carried momentum (where any) and
-        its rebuild's gap (with Request.rebuild, noted once per step)."""
-        has_carry = bool(carry.any())
+    def _project_vecs(self, rec: StepRecord, ls: LinearStep, decay: torch.Tensor, carry: torch.Tensor) -> ProjectVecs:
+        """A step's vectors for the project strategy: Δθ, its decay, the momentum carried into the window
+        (where it is above rounding) and its rebuild's gap (with Request.rebuild, noted once per step).
+
+        The carried momentum decays by β1 a step: no element of it above the float epsilon times Δθ's
+        largest, its projection is within the rounding bound of Δθ's own (ε·Σ|φ||Δθ|), and it is left in the
+        gradient term. Without it, and without coupled decay (whose momentum starts at the window), the
+        vectors are the window's start's no more: a query over a later window (the grokking file's
+        balance over steps 350:2000) then shares the projections of one from step 0 for most of its steps.
+        """
+        delta = rec.delta[self.idx]
+        carried = bool(carry.abs().max() > torch.finfo(carry.dtype).eps * delta.abs().max())
         gap = self._gap(rec)
-        vecs = torch.stack([rec.delta[self.idx], decay] + ([carry] if has_carry else []) + ([gap] if gap is not None else []))
-        return ProjectVecs(vecs, has_carry, gap is not None)
+        vecs = torch.stack([delta, decay] + ([carry] if carried else []) + ([gap] if gap is not None else []))
+        window = self.req.a if carried or bool(ls.lam_c.any()) else None
+        return ProjectVecs(vecs, carried, gap is not None, window)
 
     def _project_step(self, k: int, bn: int, rec: StepRecord, pv: ProjectVecs) -> None:
         """One step of the project strategy: the terms straight from the projections."""
-        proj = self.projections(rec, pv.vecs).transpose(1, 2)  # (V, T, G)
+        proj = self.projections(rec, pv).transpose(1, 2)  # (V, T, G)
         self.check_step(k, rec, proj[0].sum(1))
         self.wd[bn] += proj[1]
         rest = proj[0] - proj[1]
