@@ -92,7 +92,7 @@ def main() -> None:
         for name, req in requests(run, a, b).items():
             res = {}
             for dv, eng in engines.items():
-                run.cache.phi.clear()
+                run.cache.forget_test_side()
                 res[dv] = timed(eng, req)
             tg = res["cuda"][0] if cuda else float("nan")
             tc = res["cpu"][0]

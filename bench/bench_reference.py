@@ -186,7 +186,7 @@ def scaling(lines: list[str], quick: bool) -> None:
                           strategy="fold" if kw.get("keep_examples") else "delta", **kw)
             eng = Engine(run)
             eng.run_request(req)  # warm
-            run.cache.phi.clear()
+            run.cache.forget_test_side()
             t0 = time.perf_counter()
             eng.run_request(req)
             return time.perf_counter() - t0

@@ -15,6 +15,7 @@ import psutil
 import torch
 
 PHI_CACHE_BYTES = 256 << 20
+PROJ_CACHE_BYTES = 64 << 20
 REPLAY_CACHE_MIN_BYTES = 512 << 20
 
 
@@ -81,7 +82,11 @@ class RunCache:
     """The caches of one open run."""
 
     engines: dict[tuple[str, torch.dtype], Any] = field(default_factory=dict)  # execute.engine_for
-    phi: TensorCache = field(default_factory=lambda: TensorCache(PHI_CACHE_BYTES))  # test-side features
+    phi: TensorCache = field(default_factory=lambda: TensorCache(PHI_CACHE_BYTES))  # test-side features: φ per step
+    # a step's projections φ·(its vectors on each group), apart from φ, whose entries are up to 10^5 times larger:
+    # in one cache the grokking file's four kernels' φ pushed out the 2,000 steps of projections its series had,
+    # which its balance over steps 350:2000 would have shared
+    proj: TensorCache = field(default_factory=lambda: TensorCache(PROJ_CACHE_BYTES))
     replay: TensorCache = field(default_factory=lambda: TensorCache(replay_cache_bytes()))  # replayed states
     drift: dict[int, Any] = field(default_factory=dict)  # replay drift at each stored state reached
     last_stats: dict = field(default_factory=dict)  # the last influence result's stats
@@ -93,14 +98,20 @@ class RunCache:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(fresh, name))
 
+    def forget_test_side(self) -> None:
+        """Drop the test-side features (φ and projections): the next query integrates again, on warm engines
+        and replayed states (benchmarks time the test side so)."""
+        self.phi.clear()
+        self.proj.clear()
+
     @contextmanager
     def within(self, budget: int | None) -> Iterator[None]:
-        """A query's ``using budget``: the caches it grows hold at most a quarter of it each, so that what
-        the query leaves resident stays inside the budget too."""
+        """A query's ``using budget``: the caches it grows hold at most a quarter of it each (the projections
+        an eighth), so that what the query leaves resident stays inside the budget too."""
         if budget is None:
             yield
             return
-        with self.phi.capped(budget // 4), self.replay.capped(budget // 4):
+        with self.phi.capped(budget // 4), self.proj.capped(budget // 8), self.replay.capped(budget // 4):
             yield
 
     def take_stats(self) -> dict:

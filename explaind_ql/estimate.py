@@ -23,7 +23,7 @@ import torch
 from . import model_io
 from .engine import budget as engine_budget
 from .engine.facts import Facts
-from .cache import PHI_CACHE_BYTES, replay_cache_bytes
+from .cache import PHI_CACHE_BYTES, PROJ_CACHE_BYTES, replay_cache_bytes
 from .engine.kernels import Engine, Request
 from .plan import Plan
 from .run import Run
@@ -77,7 +77,7 @@ def replays(run: Run, a: int, b: int) -> int:
 
 def _forgetting(run: Run):
     """What the pilot adds to the run's caches, to drop afterwards."""
-    caches = (run.cache.phi, run.cache.replay, run.cache.drift)
+    caches = (run.cache.phi, run.cache.proj, run.cache.replay, run.cache.drift)
     before = [set(c) for c in caches]
 
     def forget() -> None:
@@ -92,7 +92,7 @@ def _rss() -> int:
 
 
 def _cache_bytes(run: Run) -> int:
-    return run.cache.phi.bytes + run.cache.replay.bytes
+    return run.cache.phi.bytes + run.cache.proj.bytes + run.cache.replay.bytes
 
 
 def _pilot_request(req: Request, s: int, e: int) -> Request:
@@ -149,7 +149,7 @@ def of_plan(run: Run, engine: Engine, plan: Plan, facts: Facts) -> Estimate:
     # resident growth: the warm-up's beyond a sampled step's is once per process; a step's own, the caches'
     # share of every step (to their caps) and the answer are the query's
     step_bytes = max(grown[1:] if warm_up is not None else grown)
-    kept = min(n * steps * sum(cached[-len(runs):]) / len(runs), PHI_CACHE_BYTES + replay_cache_bytes())
+    kept = min(n * steps * sum(cached[-len(runs):]) / len(runs), PHI_CACHE_BYTES + PROJ_CACHE_BYTES + replay_cache_bytes())
     steady_bytes = int(step_bytes + kept + engine_budget.answer(facts, plan.request).bytes)
     one_off_bytes = max(0, grown[0] - step_bytes) if warm_up is not None else 0
     shown = ", ".join(str(s) if e - s == 1 else f"{s}–{e - 1}" for s, e in spans[len(spans) - len(runs):])

@@ -53,4 +53,4 @@ def test_explain_gives_the_estimate_without_running_the_query(relu_ckpt):
     text = run.explain("influence on test[*] by layer")
     assert re.search(r"estimate: [0-9.e+-]+ s .*gradient evaluations, \+.* resident .*steps replayed \(pilot of steps",
                      text.splitlines()[-1])
-    assert len(run.cache.phi) == 0 and len(run.cache.replay) == 0  # the pilot's work is forgotten
+    assert len(run.cache.phi) == len(run.cache.proj) == len(run.cache.replay) == 0  # the pilot's work is forgotten

@@ -386,6 +386,20 @@ def test_budget_refusal_is_a_clean_error(run):
         run.query("influence on test[0] using budget 4KB")
 
 
+def test_projections_outlast_larger_features_in_the_run_cache(run):
+    """A step's projections are kept apart from φ: kernels whose φ fill the φ cache (here capped at 2 of their
+    steps) do not push out the projections an earlier query left, which a later one then reuses at every step."""
+    q = "influence on test[0..2] by layer, step using quadrature 2"
+    run.cache.clear()
+    run.query(q)
+    run.cache.phi.max_bytes = 1
+    run.query("kernel on test[0..2] from train[0..3] using quadrature 2")
+    assert len(run.cache.phi) == 1  # φ evicted down to the newest
+    run.query(q)
+    assert run.cache.last_stats.get("phi_cache_hits", 0) == STEPS
+    run.cache.clear()
+
+
 def test_repeated_queries_reuse_cached_features(run):
     q = "influence of layer unembed on test[0..2] by step using quadrature 4"
     run.query(q)
@@ -433,9 +447,9 @@ def test_the_run_cache_is_typed_and_scoped_to_the_run(run):
     from explaind_ql.cache import RunCache
     run.query("influence on test[0] by step using quadrature 2")
     cache = run.cache
-    assert isinstance(cache, RunCache) and cache.engines and len(cache.phi) > 0 and cache.phi.bytes > 0
+    assert isinstance(cache, RunCache) and cache.engines and len(cache.proj) > 0 and cache.proj.bytes > 0
     stats = cache.take_stats()
     assert "residual" in stats and cache.take_stats() == {}  # a shell prints a residual line once
     cache.clear()
-    assert not cache.engines and len(cache.phi) == 0 and cache.phi.bytes == 0 and not cache.drift
+    assert not cache.engines and len(cache.proj) == 0 and cache.proj.bytes == 0 and not cache.drift
     assert eq.open(run.path).cache is not cache

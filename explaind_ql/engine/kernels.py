@@ -43,6 +43,7 @@ import psutil
 import torch
 
 from .. import dropout, model_io, progress
+from ..cache import TensorCache
 from ..optim import LinearStep
 from ..params import ParamSpace
 from ..run import Run
@@ -473,10 +474,17 @@ class _Context:
         return key + (self.req.target, self.req.params, self.req.nodes, self.req.tolerance, self.req.rule,
                       str(self.eng.device), self.eng.dtype)
 
+    def _cache(self, key: tuple) -> TensorCache:
+        """The open run's cache of ``key``'s kind: φ, or projections."""
+        return self.eng.run.cache.proj if key[0] == "proj" else self.eng.run.cache.phi
+
+    def _is_cached(self, key: tuple) -> bool:
+        return self._key(key) in self._cache(key)
+
     def _cached(self, key: tuple, compute) -> torch.Tensor:
         """A test-side tensor of one step, cached per open run (queries in a session share them)."""
+        cache = self._cache(key)
         key = self._key(key)
-        cache = self.eng.run.cache.phi
         if key in cache:
             self.stats["phi_cache_hits"] = self.stats.get("phi_cache_hits", 0) + 1
             return cache[key]
@@ -868,7 +876,7 @@ class _Context:
 
         On a small model a call costs about as much for 1 row as for 32 (dispatch), and a smooth step
         mostly needs only its first round, so this takes a call for several steps instead of two a step.
-        ``vecs``: each step's vectors for :meth:`projections`; without, :meth:`phi`'s rows: each row's
+        ``vecs``: each step's :class:`ProjectVecs` for :meth:`projections`; without, :meth:`phi`'s rows: each row's
         gradient, from which both its rule's rows and φ are contracted.
         """
         if len(block) < 2 or self.kinked or (vecs is None and (self._rest() or not self._keeps_gradients())):
@@ -876,13 +884,13 @@ class _Context:
         if vecs is not None and self._activations(self.lanes)[0] < HEAVY_ROWS * self.eng.run.space.size:
             return  # light rows: their own gradients cost more than their projections (no weight gradients)
         t0, rss0 = time.perf_counter(), _rss()
-        n_phi, cache = len(self.req.params), self.eng.run.cache.phi
+        n_phi = len(self.req.params)
         todo = []  # (record, its vectors over the integrand's params); the params and Groups are every step's
         for i, rec in enumerate(block):
-            if vecs is None and self._key(self._phi_key(rec)) not in cache:
+            if vecs is None and not self._is_cached(self._phi_key(rec)):
                 sel, groups, _, v = self._grouped(rec, rec.delta[self.idx][None], tuple(range(n_phi)), n_phi)
                 todo.append((rec, v))
-            elif vecs is not None and self._key(self._proj_key(rec, vecs[i])) not in cache:
+            elif vecs is not None and not self._is_cached(self._proj_key(rec, vecs[i])):
                 sel, groups, _, v = self._grouped(rec, vecs[i].vecs, self.req.group_of_param, self.G)
                 todo.append((rec, v))
         if len(todo) < 2:
