@@ -4,7 +4,8 @@ The issue's goal for the paper's study: every query of the file, on 100 test ite
 2,000-step run of ``examples/grokking/train.py --config paper``, with the default adaptive rule (the
 file's ``using quadrature $q`` dropped), in one process, as ``explaind-ql script`` runs a file: one open
 run, whose caches (replayed states, test-side features) its queries share. Prints each query's seconds,
-its replication residual where it reports one, and the total; ``--write`` keeps the table as
+how many of its steps' test side it found kept by an earlier query, its replication residual where it
+reports one, and the total; ``--write`` keeps the table as
 ``bench/RESULTS_grokking.md``.
 
 Run: ``python bench/bench_grokking.py [--store runs/paper.zarr] [--items 100] [--threads 2] [--write]``
@@ -66,7 +67,7 @@ def main() -> None:
              f"{run.space.size:,} params, float32 AdamW), the influence queries' `test[*]` as `test[0..{args.items - 1}]`, "
              "without its `using quadrature $q` (the default adaptive rule, tolerance 1e-6), in one process "
              f"on {args.threads} threads, as `explaind-ql script` runs the file. torch {torch.__version__}.", "",
-             "| query | seconds | residual |", "|---|---|---|"]
+             "| query | seconds | steps shared | residual |", "|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     t_all = time.perf_counter()
     for name, query in paper_queries((GROKKING / "queries.eql").read_text(), args.items):
@@ -75,8 +76,9 @@ def main() -> None:
         t0 = time.perf_counter()
         run.query(query)
         dt = time.perf_counter() - t0
-        line = residual_line(run.cache.take_stats())
-        lines.append(f"| `{name}`: `{query}` | {dt:.1f} | {line or '—'} |")
+        stats = run.cache.take_stats()
+        line = residual_line(stats)
+        lines.append(f"| `{name}`: `{query}` | {dt:.1f} | {stats.get('phi_cache_hits', 0)} | {line or '—'} |")
         print(lines[-1], flush=True)
     lines += ["", f"Total: **{time.perf_counter() - t_all:.0f} s**."]
     print(lines[-1])
