@@ -25,6 +25,7 @@ import explaind_ql
 from explaind_ql.lang import parse_script, unparse
 
 HERE = Path(__file__).resolve().parent
+PAPER_TIMES = HERE.parents[1] / "bench" / "RESULTS_grokking.md"  # bench/bench_grokking.py --write
 OUTER = ("emb", "unembed")
 INNER = ("attn", "linear1", "linear2")
 LAYERS = ("emb", "attn", "linear1", "linear2", "unembed")
@@ -349,6 +350,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {out / 'REPORT.md'} and 5 PNGs in {total:.0f} s")
 
 
+def paper_section() -> str:
+    """The whole file on the paper config's run at the default tolerance, as bench/bench_grokking.py last measured
+    it (its table and notes, without its title): too long to rerun with every report."""
+    if not PAPER_TIMES.exists():
+        return "Not measured on this checkout: `python bench/bench_grokking.py --write`."
+    return PAPER_TIMES.read_text().split("\n", 1)[1].strip()
+
+
 def write_report(path, run, args, entries, res, phases, marks, kernel_rows, windows, aligned, kernel_agree,
                  mean_cos, timings, total) -> None:
     mem, onset, grok, done = marks
@@ -524,6 +533,14 @@ different sides. Record with `--dtype float64` to remove that.
 {md_table(timing_table)}
 
 Total {total:.0f} s ({run!r}).
+
+## The same file at the paper's scale
+
+The paper config (`train.py --config paper`: p = 113, 2,000 steps), every query of the file at the
+default adaptive tolerance instead of `using quadrature 2`, the influence queries on 100 test pairs
+(measured apart from this report, whose sliding similarity windows would cover all 2,000 steps):
+
+{paper_section()}
 """
     path.write_text(md)
 
