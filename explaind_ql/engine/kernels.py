@@ -1054,10 +1054,10 @@ class _Context:
         """A step's vectors for the project strategy: Δθ, its decay, the momentum carried into the window
         (where it is above rounding) and its rebuild's gap (with Request.rebuild, noted once per step).
 
-        The carried momentum decays by β1 a step: no element of it above the float epsilon times Δθ's
-        largest, its projection is within the rounding bound of Δθ's own (ε·Σ|φ||Δθ|), and it is left in the
-        gradient term. Without it, and without coupled decay (whose momentum starts at the window), the
-        vectors are the window's start's no more: a query over a later window (the grokking file's
+        The carried momentum decays by β1 a step. Once no element of it is above the float epsilon times
+        Δθ's largest, its projection is within the rounding bound of Δθ's own (ε·Σ|φ||Δθ|), and it is left in
+        the gradient term. Without it, and without coupled decay (whose momentum starts at the window), the
+        vectors no longer depend on the window's start: a query over a later window (the grokking file's
         balance over steps 350:2000) then shares the projections of one from step 0 for most of its steps.
         """
         delta = rec.delta[self.idx]
