@@ -98,6 +98,10 @@ class RunCache:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(fresh, name))
 
+    def tensor_caches(self) -> tuple[TensorCache, ...]:
+        """The caches that hold tensors, each capped in bytes: φ, projections, replayed states."""
+        return self.phi, self.proj, self.replay
+
     def forget_test_side(self) -> None:
         """Drop the test-side features (φ and projections): the next query integrates again, on warm engines
         and replayed states (benchmarks time the test side so)."""

@@ -77,7 +77,7 @@ def replays(run: Run, a: int, b: int) -> int:
 
 def _forgetting(run: Run):
     """What the pilot adds to the run's caches, to drop afterwards."""
-    caches = (run.cache.phi, run.cache.proj, run.cache.replay, run.cache.drift)
+    caches = (*run.cache.tensor_caches(), run.cache.drift)
     before = [set(c) for c in caches]
 
     def forget() -> None:
@@ -92,7 +92,7 @@ def _rss() -> int:
 
 
 def _cache_bytes(run: Run) -> int:
-    return run.cache.phi.bytes + run.cache.proj.bytes + run.cache.replay.bytes
+    return sum(c.bytes for c in run.cache.tensor_caches())
 
 
 def _pilot_request(req: Request, s: int, e: int) -> Request:

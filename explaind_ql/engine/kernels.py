@@ -504,12 +504,17 @@ class _Context:
     def _lane_values(self, thetas: torch.Tensor) -> torch.Tensor:
         """(n, L, C) every lane's targets at each of the params ``thetas`` (n, P): a forward pass of all items
         for each, in calls across them (where each lane's own would take L)."""
-        fn = self.eng.fn
-        per = max(1, int(self.req.call_bytes // (4 * fn.itemsize * self.lanes.count * max(1, self._activations(self.lanes)[1]))))
+        fn, per = self.eng.fn, self._forward_rows(self.lanes, self.lanes.count)
         out = [fn.values_at(lambda o, _: self.lane_targets(o), thetas[k],
                             model_io.apply(self.x_items, lambda t: t.expand(len(k), *t.shape)), thetas.new_zeros(len(k)))
                for k in torch.arange(len(thetas), device=thetas.device).split(per)]
         return torch.cat(out).view(len(thetas), self.lanes.count, -1)
+
+    def _forward_rows(self, lanes: Lanes, lanes_a_row: int = 1) -> int:
+        """Forward-only rows of ``lanes`` (each of ``lanes_a_row`` lanes' items) one call holds: a row keeps 2.5
+        of the largest activations at its live peak (torch.profiler), 4 allowed."""
+        return max(1, int(self.req.call_bytes // (4 * self.eng.fn.itemsize * lanes_a_row
+                                                  * max(1, self._activations(lanes)[1]))))
 
     def _states_at(self, want: dict[int, torch.Tensor]) -> None:
         """Every lane's targets at the stored states ``want`` (s → θ_s) not evaluated yet, kept in :attr:`states`:
@@ -592,12 +597,10 @@ class _Context:
     def _integrate_lanes(self, rec: StepRecord, lanes: Lanes, path: Path, at_rows, along, spread, error,
                          row_bytes: float, cat_dim: int, budget: torch.Tensor | None, keep_rows: bool = False,
                          memo: Memo | None = None, values=None):
-        fn = self.eng.fn
         # bounded memory per call: derivative rows as estimated (twice that with the kink jumps'
-        # forward-mode pass), forward-only rows 2.5 of the largest activations each at their live peak
-        # (torch.profiler), 4 allowed
+        # forward-mode pass), forward-only rows by _forward_rows
         per_call = max(1, min(ROWS_PER_CALL, int(self.req.call_bytes // max(1.0, row_bytes))))
-        per_forward = max(1, int(self.req.call_bytes // (4 * fn.itemsize * max(1, self._activations(lanes)[1]))))
+        per_forward = self._forward_rows(lanes)
 
         def rows(per: int, f, ts: torch.Tensor, ln: torch.Tensor, *extra: torch.Tensor):
             parts = zip(ts.split(per), ln.split(per), *(e.split(per) for e in extra))

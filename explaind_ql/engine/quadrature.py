@@ -328,6 +328,17 @@ class _Rule:
         return list(v.unflatten(0, (S, n)).sum(1))
 
 
+def _kept_signed(piece: tuple, signed: dict[tuple, tuple[torch.Tensor, torch.Tensor]]):
+    """A pool's piece kept at its whole estimate: its (signed miss, rounding), which cancel in the pool's sum;
+    None for a piece judged by its unsigned error."""
+    return signed.get(piece[:3]) if piece[7] is None else None
+
+
+def _cancelled(miss_sum: torch.Tensor, rounding: torch.Tensor) -> torch.Tensor:
+    """What a pool's kept pieces' signed misses leave together, beyond their rounding."""
+    return (miss_sum.abs() - rounding).clamp_min(0)
+
+
 def _marked(open_: list[int], rank: dict[int, float], worst: dict[int, float], pieces: list[tuple],
             pool: list[int], shares: torch.Tensor, signed: dict[tuple, tuple[torch.Tensor, torch.Tensor]]) -> list[int]:
     """The pieces to refine this round: those within a factor 2 of their budget's worst, and then, worst
@@ -347,10 +358,10 @@ def _marked(open_: list[int], rank: dict[int, float], worst: dict[int, float], p
 
     def add(i: int, sign: int) -> None:
         p = pieces[i]
-        b = pool[p[2]]
-        if p[7] is None and p[:3] in signed:
-            miss_sum[b] = miss_sum[b] + sign * signed[p[:3]][0]
-            rounding[b] = rounding[b] + sign * signed[p[:3]][1]
+        b, kept = pool[p[2]], _kept_signed(p, signed)
+        if kept is not None:
+            miss_sum[b] = miss_sum[b] + sign * kept[0]
+            rounding[b] = rounding[b] + sign * kept[1]
         else:
             unsigned[b] = unsigned[b] + sign * p[4]
     for i, p in enumerate(pieces):
@@ -358,7 +369,7 @@ def _marked(open_: list[int], rank: dict[int, float], worst: dict[int, float], p
             add(i, 1)
     for i in sorted(open_, key=lambda i: -rank[i]):
         b = pool[pieces[i][2]]
-        left = unsigned[b] + (miss_sum[b].abs() - rounding[b]).clamp_min(0)
+        left = unsigned[b] + _cancelled(miss_sum[b], rounding[b])
         if i in chosen or bool((left <= shares[b] / 2).all()):
             continue
         chosen.add(i)
@@ -461,12 +472,13 @@ def integrate(fn: Integrand, n: int, budget: torch.Tensor | None, step: int, sta
         err = torch.zeros_like(shares)
         miss_sum, rounding = torch.zeros_like(shares[0]), torch.zeros_like(shares[0])
         for p in pieces:
-            if p[7] is None and p[:3] in signed:
-                miss_sum, rounding = miss_sum + signed[p[:3]][0], rounding + signed[p[:3]][1]
+            kept = _kept_signed(p, signed)
+            if kept is not None:
+                miss_sum, rounding = miss_sum + kept[0], rounding + kept[1]
             else:
                 err[pool[p[2]]] += p[4]
         if pooled:
-            err[0] += (miss_sum.abs() - rounding).clamp_min(0)
+            err[0] += _cancelled(miss_sum, rounding)
         over = {b for b in range(len(shares)) if bool((err[b] > shares[b]).any())}
         open_ = [i for i, p in enumerate(pieces) if pool[p[2]] in over and splits[p[2]] < max_splits]
         if not open_:
